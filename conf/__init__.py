@@ -1,0 +1,1 @@
+"""Hydra configs, shipped inside the package as fitnets_cli.conf (Hydra finds them by module name)."""

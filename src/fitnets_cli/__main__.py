@@ -1,0 +1,3 @@
+from fitnets_cli.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""Saved models: a checkpoint carries the layer specs and config that made it, so it rebuilds on its own.
+Every output is written to a temporary file and renamed, so a crash never leaves a half-written file."""
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from fitnets_cli.config import ConfigError, Dataset, Layer
+from fitnets_cli.models import Net
+
+FORMAT = "fitnets-checkpoint-1"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_model(path: Path, net: Net, *, role: str, name: str, dataset: Dataset, config: str, metrics: dict):
+    """Save a teacher or student with everything needed to rebuild and evaluate it."""
+    payload = {
+        "format": FORMAT, "role": role, "name": name,
+        "dataset": asdict(dataset), "in_shape": list(net.in_shape), "num_classes": net.num_classes,
+        "layers": [asdict(s) for s in net.specs], "state_dict": net.state_dict(),
+        "config": config, "metrics": metrics,
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_payload(path) -> dict:
+    """Read a checkpoint file, with a one-line error when it is missing, truncated or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ConfigError(f"checkpoint {path} is corrupted or not a fitnets checkpoint "
+                          f"({str(err).splitlines()[0][:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a fitnets checkpoint (expected format {FORMAT})")
+    return payload
+
+
+def load_model(path, device) -> tuple[Net, dict]:
+    """Rebuild the saved network, load its weights, and return it with the checkpoint's payload."""
+    payload = load_payload(path)
+    layers = [Layer(**spec) for spec in payload["layers"]]
+    net = Net(layers, payload["in_shape"], payload["num_classes"])
+    net.load_state_dict(payload["state_dict"])
+    return net.to(device), payload
+
+
+def saved_dataset(payload) -> Dataset:
+    """The dataset config a checkpoint was trained with."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Dataset), payload["dataset"]))

@@ -1,0 +1,207 @@
+"""Typed config schema. Hydra merges the YAML in conf/ into these dataclasses, so an unknown key or a
+wrong type fails at composition; `__post_init__` checks (run by `to_config`) catch bad values."""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """Bad user input: reported as one line, without a traceback."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(value: str, choices, key: str) -> None:
+    _require(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class Layer:
+    name: str = MISSING
+    kind: str = "conv"          # conv | fc | softmax
+    out: int = 0                # channels (conv) or units (fc) after maxout; softmax: the dataset's classes
+    pieces: int = 1             # maxout pieces; 1 is a plain linear unit
+    kernel: int = 3
+    pad: int = 0
+    pool: int = 0               # max-pool window after the maxout; 0: none
+    pool_stride: int = 0        # 0: same as the window
+    max_norm: float = 0.0       # max L2 norm of each filter/column after every update; 0: none
+
+    def __post_init__(self):
+        _one_of(self.kind, ("conv", "fc", "softmax"), f"layer {self.name}: kind")
+        _require(self.kind == "softmax" or self.out > 0, f"layer {self.name}: out must be > 0")
+        _require(self.pieces >= 1 and self.kernel >= 1 and self.pad >= 0 and self.pool >= 0,
+                 f"layer {self.name}: pieces and kernel must be >= 1, pad and pool >= 0")
+
+
+@dataclass
+class TeacherVariant:
+    hint: str = MISSING
+    layers: List[Layer] = MISSING
+
+
+@dataclass
+class Teacher:
+    name: str = MISSING
+    hint: str = MISSING                 # the paper's hint layer for this teacher
+    layers: List[Layer] = MISSING
+    checkpoint: Optional[str] = None    # None: the teacher store's entry for this teacher and dataset
+    variants: Dict[str, TeacherVariant] = field(default_factory=dict)
+
+
+@dataclass
+class Student:
+    name: str = MISSING
+    guided: str = MISSING               # the paper's guided layer for this student
+    layers: List[Layer] = MISSING
+
+
+@dataclass
+class Augment:
+    pad: int = 0                        # zero padding before a random crop back to the input size
+    flip: bool = False                  # random horizontal flips
+
+    def __post_init__(self):
+        _require(self.pad >= 0, "dataset.augment.pad must be >= 0")
+
+
+@dataclass
+class Dataset:
+    name: str = MISSING                 # mnist | mnist_subset | cifar10 | cifar100 | svhn
+    family: str = MISSING               # picks the teacher variant: mnist | cifar | svhn
+    num_classes: int = MISSING
+    in_shape: List[int] = MISSING       # C, H, W
+    valid_size: int = MISSING
+    preprocess: str = "scale"           # scale | gcn_zca | gcn_lcn
+    gcn_scale: float = 55.0
+    zca_bias: float = 0.1
+    extra: bool = False                 # SVHN: train on train + extra
+    augment: Augment = field(default_factory=Augment)
+
+    def __post_init__(self):
+        _one_of(self.preprocess, ("scale", "gcn_zca", "gcn_lcn"), "dataset.preprocess")
+        _require(self.valid_size >= 0, "dataset.valid_size must be >= 0")
+
+
+@dataclass
+class Data:
+    root: str = "data"                  # where torchvision finds (or downloads) the datasets
+    download: bool = False
+    split_seed: int = 0                 # seeds the train/valid split, independent of the run's seed
+
+
+@dataclass
+class Optim:
+    optimizer: str = "rmsprop"          # rmsprop | sgd
+    lr: float = MISSING
+    conv_lr_scale: float = 1.0          # LR multiplier of conv layers
+    rms_decay: float = 0.9
+    rms_eps: float = 1e-5
+    momentum: float = 0.0               # SGD: momentum at epoch 0 ...
+    momentum_final: float = 0.0         # ... rising linearly to this by momentum_saturate
+    momentum_saturate: int = 0
+    lr_decay_factor: float = 1.0        # LR falls linearly to lr * factor by lr_decay_saturate
+    lr_decay_saturate: int = 0
+    batch_size: int = 128
+    max_epochs: int = 500
+    patience: int = 100                 # stop after this many epochs without a validation improvement
+    init_range: float = 0.005           # weights ~ U(-r, r), biases 0
+    dropout_input: float = 0.0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _one_of(self.optimizer, ("rmsprop", "sgd"), "optimizer")
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _require(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
+        _require(self.patience > 0, f"patience must be > 0, got {self.patience}")
+
+
+@dataclass
+class KD:
+    tau: float = 3.0
+    lam_start: float = 4.0
+    lam_end: float = 1.0
+    lam_start_epoch: int = 0            # lam is lam_start up to here ...
+    lam_end_epoch: int = 500            # ... and reaches lam_end here, linearly
+
+    def __post_init__(self):
+        _require(self.tau > 0, f"recipe.kd.tau must be > 0, got {self.tau}")
+        _require(self.lam_end_epoch >= self.lam_start_epoch >= 0,
+                 "recipe.kd needs 0 <= lam_start_epoch <= lam_end_epoch")
+
+
+@dataclass
+class Recipe:
+    student: Optim = MISSING
+    teacher: Optim = MISSING
+    kd: KD = field(default_factory=KD)
+    retrain_full: bool = False          # after validation picks epoch counts, retrain on train + valid
+
+
+@dataclass
+class HintPair:
+    hint: str = MISSING                 # teacher layer
+    guided: str = MISSING               # student layer
+
+
+@dataclass
+class Hints:
+    pairs: List[HintPair] = MISSING
+    reduction: str = "paper"            # paper | code
+    regressor_init_range: float = 0.05
+    regressor_max_norm: float = 0.9
+
+    def __post_init__(self):
+        _one_of(self.reduction, ("paper", "code"), "hints.reduction")
+
+
+@dataclass
+class Schedule:
+    name: str = MISSING
+    stages: List[str] = MISSING         # hint | kd | ce | joint, run in order
+    hint_weight: float = 1.0            # joint stage only
+
+    def __post_init__(self):
+        for stage in self.stages:
+            _one_of(stage, ("hint", "kd", "ce", "joint"), "schedule.stages entry")
+
+
+@dataclass
+class Config:
+    command: str = MISSING
+    dataset: Optional[Dataset] = None
+    teacher: Optional[Teacher] = None
+    student: Optional[Student] = None
+    hints: Optional[Hints] = None
+    schedule: Optional[Schedule] = None
+    recipe: Optional[Recipe] = None
+    data: Data = field(default_factory=Data)
+    seed: int = 0
+    device: str = "auto"                # auto | cpu | cuda
+    teacher_store: str = "teachers"     # train-teacher saves here; train looks here
+    # actual: every parameter of the built network. paper: weights only, FC maxout as 2 pieces (spec 2.8).
+    counting: str = "actual"
+    checkpoint: Optional[str] = None    # eval: the model to evaluate
+    eval_batch_size: int = 1000
+    students: List[str] = field(default_factory=list)   # compare: student configs to list
+    runs: List[str] = field(default_factory=list)       # compare: run directories or globs
+
+    def __post_init__(self):
+        _one_of(self.device, ("auto", "cpu", "cuda"), "device")
+        _one_of(self.counting, ("actual", "paper"), "counting")
+        _require(self.eval_batch_size > 0, "eval_batch_size must be > 0")
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Resolve the composed config into typed dataclasses, running their value checks."""
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,190 @@
+"""Datasets as tensors on the training device: torchvision loaders, the paper's preprocessing (cached on
+disk), a seeded stratified validation split, and batched augmentation."""
+
+import io
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from fitnets_cli.config import ConfigError
+
+
+@dataclass
+class Splits:
+    train: tuple          # (images float32 N,C,H,W; labels int64 N)
+    valid: tuple | None   # None: no validation split (valid_size 0)
+    test: tuple
+
+
+def load_data(dataset, data, device) -> Splits:
+    """Load, preprocess and split a dataset, and move it to `device`."""
+    raw = _load_raw(dataset, data)
+    images = _preprocess(raw, dataset, data)
+    pools = [("train", dataset.valid_size)]
+    if dataset.extra:
+        # Goodfellow et al.'s SVHN split: 400 per class from train and 200 per class from extra.
+        pools = [("train", dataset.valid_size * 2 // 3), ("extra", dataset.valid_size // 3)]
+    train, valid = [], []
+    for i, (pool, size) in enumerate(pools):
+        labels = raw[pool][1]
+        keep, held = stratified_split(labels, size, dataset.num_classes, data.split_seed + i)
+        train.append((images[pool][keep], labels[keep]))
+        valid.append((images[pool][held], labels[held]))
+    to = lambda parts: tuple(torch.cat(t).to(device) for t in zip(*parts))
+    return Splits(train=to(train), valid=to(valid) if dataset.valid_size else None,
+                  test=(images["test"].to(device), raw["test"][1].to(device)))
+
+
+def stratified_split(labels, size: int, num_classes: int, seed: int):
+    """Indices (kept, held out) with `size` held out, spread evenly over classes, chosen by `seed`."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    held = []
+    for c in range(num_classes):
+        quota = size // num_classes + (c < size % num_classes)
+        of_class = perm[labels[perm] == c]
+        if len(of_class) < quota:
+            raise ConfigError(f"dataset.valid_size={size} needs {quota} images of class {c}, "
+                              f"the data has {len(of_class)}; lower dataset.valid_size")
+        held.append(of_class[:quota])
+    held = torch.cat(held) if held else torch.empty(0, dtype=torch.long)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return mask.nonzero().squeeze(1), held.sort().values
+
+
+def augment(x, pad: int, flip: bool):
+    """Zero-pad by `pad`, crop a random window of the original size, flip half the images horizontally.
+
+    Batched on the images' device; each image draws its own offsets and flip.
+    """
+    n, c, h, w = x.shape
+    if pad:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device)
+        rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+        x = padded[torch.arange(n, device=x.device)[:, None, None, None],
+                   torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        flipped = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(flipped[:, None, None, None], x.flip(3), x)
+    return x
+
+
+# ---------------------------------------------------------------- raw images, as uint8 N,C,H,W
+
+def _load_raw(dataset, data) -> dict:
+    root = data.root
+    try:
+        if dataset.name == "mnist_subset":
+            with resources.files("fitnets_cli").joinpath("assets/mnist_subset.npz").open("rb") as f:
+                arrays = np.load(io.BytesIO(f.read()))
+            return {s: (torch.from_numpy(arrays[f"{s}_x"]).unsqueeze(1), torch.from_numpy(arrays[f"{s}_y"]).long())
+                    for s in ("train", "test")}
+        if dataset.name == "mnist":
+            return {s: _mnist(torchvision.datasets.MNIST(root, train=s == "train", download=data.download))
+                    for s in ("train", "test")}
+        if dataset.name in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if dataset.name == "cifar10" else torchvision.datasets.CIFAR100
+            return {s: _cifar(cls(root, train=s == "train", download=data.download)) for s in ("train", "test")}
+        if dataset.name == "svhn":
+            splits = ("train", "test", "extra") if dataset.extra else ("train", "test")
+            return {s: _svhn(torchvision.datasets.SVHN(root, split=s, download=data.download)) for s in splits}
+    except (RuntimeError, OSError) as err:
+        raise ConfigError(f"dataset {dataset.name} not found or unreadable under data.root={root} "
+                          f"({str(err).splitlines()[0]}); place its files there (torchvision layout) "
+                          "or pass data.download=true") from None
+    raise ConfigError(f"dataset.name={dataset.name!r} has no loader; use mnist, mnist_subset, cifar10, "
+                      "cifar100 or svhn")
+
+
+def _mnist(ds):
+    return ds.data.unsqueeze(1), ds.targets.long()
+
+
+def _cifar(ds):
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+
+def _svhn(ds):
+    return torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long()
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def _preprocess(raw: dict, dataset, data) -> dict:
+    if dataset.preprocess == "scale":
+        return {s: x.float() / 255 for s, (x, _) in raw.items()}
+    key = f"{dataset.name}-{dataset.preprocess}-gcn{dataset.gcn_scale:g}-zca{dataset.zca_bias:g}"
+    if dataset.extra:
+        key += "-extra"
+    cache = Path(data.root) / "fitnets_cache" / f"{key}.pt"
+    if cache.exists():
+        return torch.load(cache)
+    images = {s: gcn(x.float(), dataset.gcn_scale) for s, (x, _) in raw.items()}
+    if dataset.preprocess == "gcn_zca":
+        # Fit on all training images (valid included), as pylearn2's make_cifar10_gcn_whitened.py.
+        mean, whiten = zca_fit(images["train"], dataset.zca_bias)
+        images = {s: zca_apply(x, mean, whiten) for s, x in images.items()}
+    else:
+        images = {s: lecun_lcn(x) for s, x in images.items()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save(images, tmp)
+    os.replace(tmp, cache)
+    return images
+
+
+def gcn(x, scale: float):
+    """Global contrast normalisation: per image, subtract its mean, divide by its L2 norm, times `scale`."""
+    flat = x.flatten(1)
+    flat = flat - flat.mean(1, keepdim=True)
+    norm = flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return (scale * flat / norm).view_as(x)
+
+
+def zca_fit(x, bias: float):
+    """ZCA whitening fit: per-feature mean and P = V diag(1/sqrt(eig)) V^T of cov + bias*I."""
+    flat = x.flatten(1).double()
+    mean = flat.mean(0)
+    centred = flat - mean
+    cov = centred.T @ centred / len(flat) + bias * torch.eye(flat.shape[1], dtype=flat.dtype)
+    eig, vec = torch.linalg.eigh(cov)
+    return mean.float(), (vec @ torch.diag(eig.rsqrt()) @ vec.T).float()
+
+
+def zca_apply(x, mean, whiten, batch: int = 10000):
+    """Apply a ZCA fit, in batches to bound memory."""
+    flat = x.flatten(1)
+    out = torch.cat([(flat[i:i + batch] - mean) @ whiten for i in range(0, len(flat), batch)])
+    return out.view_as(x)
+
+
+def lecun_lcn(x, kernel: int = 7, threshold: float = 1e-4, batch: int = 10000):
+    """LeCun local contrast normalisation per channel, as pylearn2's lecun_lcn (Gaussian sigma 2)."""
+    mid = kernel // 2
+    grid = torch.arange(kernel, dtype=torch.float32) - mid
+    g = torch.exp(-(grid[:, None] ** 2 + grid[None, :] ** 2) / (2 * 2.0 ** 2))
+    c = x.shape[1]
+    w = (g / g.sum()).expand(c, 1, kernel, kernel)
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        centred = xb - F.conv2d(xb, w, padding=mid, groups=c)
+        denom = F.conv2d(xb ** 2, w, padding=mid, groups=c).sqrt()
+        divisor = torch.maximum(denom.mean((2, 3), keepdim=True), denom).clamp_min(threshold)
+        out.append(centred / divisor)
+    return torch.cat(out)
+
+
+def batches(n: int, batch_size: int, device, shuffle: bool = True):
+    """Index tensors covering range(n) in batches, in a fresh random order when `shuffle`."""
+    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
+    return order.split(batch_size)

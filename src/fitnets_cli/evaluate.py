@@ -1,0 +1,28 @@
+"""`fitnets eval`: test accuracy and loss of any saved teacher or student."""
+
+from rich.table import Table
+
+from fitnets_cli.checkpoint import load_model, saved_dataset
+from fitnets_cli.config import ConfigError, Config
+from fitnets_cli.data import load_data
+from fitnets_cli.train import evaluate, pick_device
+from fitnets_cli.ui import console
+
+
+def eval_command(cfg: Config) -> dict:
+    """Evaluate checkpoint=PATH on the test set of its dataset (or of dataset=NAME)."""
+    device = pick_device(cfg.device)
+    net, payload = load_model(cfg.checkpoint, device)
+    dataset = cfg.dataset or saved_dataset(payload)
+    if tuple(dataset.in_shape) != net.in_shape or dataset.num_classes != net.num_classes:
+        raise ConfigError(f"checkpoint {cfg.checkpoint} takes {net.in_shape} inputs and {net.num_classes} "
+                          f"classes; dataset={dataset.name} has {tuple(dataset.in_shape)} and {dataset.num_classes}")
+    data = load_data(dataset, cfg.data, device)
+    metrics = evaluate(net, *data.test, cfg.eval_batch_size)
+    table = Table(title=f"eval {cfg.checkpoint}")
+    for col in ("model", "role", "trained on", "tested on", "test acc", "test error", "test loss"):
+        table.add_column(col)
+    table.add_row(payload["name"], payload["role"], payload["dataset"]["name"], dataset.name,
+                  f"{metrics['acc']:.2%}", f"{metrics['error']:.2%}", f"{metrics['loss']:.4f}")
+    console.print(table)
+    return metrics

@@ -1,0 +1,145 @@
+"""Networks built from per-layer specs: maxout conv / maxout FC / softmax layers, named so hints can
+refer to them, with forward passes that stop at a named layer."""
+
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from fitnets_cli.config import ConfigError, Layer
+
+
+class MaxoutLayer(nn.Module):
+    """Conv or linear map to out*pieces units, max over the pieces, then an optional max-pool.
+
+    Pooling uses ceil arithmetic, as pylearn2/cuda-convnet did: only it gives the paper's map sizes.
+    """
+
+    def __init__(self, spec: Layer, in_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.spec = spec
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        pieces = spec.pieces if spec.kind != "softmax" else 1
+        if spec.kind == "conv":
+            self.map = nn.Conv2d(in_channels, spec.out * pieces, spec.kernel, padding=spec.pad)
+        else:
+            self.map = nn.Linear(in_channels, spec.out * pieces)
+        self.pieces = pieces
+
+    def forward(self, x):
+        if self.spec.kind != "conv":
+            x = x.flatten(1)
+        z = self.map(self.dropout(x))
+        if self.pieces > 1:
+            z = z.unflatten(1, (self.spec.out, self.pieces)).amax(2)
+        if self.spec.pool:
+            z = F.max_pool2d(z, self.spec.pool, self.spec.pool_stride or self.spec.pool, ceil_mode=True)
+        return z
+
+
+class Net(nn.Module):
+    """A feed-forward stack of named maxout layers; `forward(x, upto=name)` stops after that layer."""
+
+    def __init__(self, specs: list[Layer], in_shape, num_classes: int, dropout_input=0.0, dropout=0.0):
+        super().__init__()
+        self.in_shape = tuple(in_shape)
+        self.num_classes = num_classes
+        self.specs = [replace(s, out=num_classes) if s.kind == "softmax" else s for s in specs]
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"layer names must be unique, got {names}")
+        if self.specs[-1].kind != "softmax":
+            raise ConfigError(f"the last layer must be kind: softmax, got {self.specs[-1].kind}")
+        self.layers = nn.ModuleDict()
+        self.shapes = {}            # layer name -> output shape (C, H, W) or (units,)
+        shape = self.in_shape
+        with torch.no_grad():
+            x = torch.zeros(1, *shape)
+            for i, spec in enumerate(self.specs):
+                if spec.kind == "conv" and len(shape) != 3:
+                    raise ConfigError(f"layer {spec.name}: a conv layer cannot follow a flat layer")
+                in_features = shape[0] if spec.kind == "conv" else math.prod(shape)
+                layer = MaxoutLayer(spec, in_features, dropout_input if i == 0 else dropout)
+                try:
+                    x = layer(x)
+                except RuntimeError as err:
+                    raise ConfigError(f"layer {spec.name} does not fit its {tuple(shape)} input: "
+                                      f"{str(err).splitlines()[0]}") from None
+                shape = tuple(x.shape[1:])
+                self.layers[spec.name] = layer
+                self.shapes[spec.name] = shape
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layers)
+
+    def check_layer(self, name: str, role: str) -> None:
+        """Raise a one-line error naming the valid layers when `name` is not one of them."""
+        if name not in self.layers:
+            raise ConfigError(f"{role} layer {name!r} does not exist; layers are: {', '.join(self.names)}")
+
+    def forward(self, x, upto: str | None = None):
+        for name, layer in self.layers.items():
+            x = layer(x)
+            if name == upto:
+                break
+        return x
+
+    def forward_with(self, x, taps):
+        """The logits and {name: output} of the layers named in `taps`."""
+        features = {}
+        for name, layer in self.layers.items():
+            x = layer(x)
+            if name in taps:
+                features[name] = x
+        return x, features
+
+    def upto(self, name: str) -> list[nn.Module]:
+        """The layers up to and including `name`: what a hint stage trains."""
+        names = self.names
+        return [self.layers[n] for n in names[: names.index(name) + 1]]
+
+
+
+@torch.no_grad()
+def apply_max_norm(layers) -> None:
+    """Clip each filter's / unit's weight norm to its layer's max_norm (pylearn2's norm constraints)."""
+    for layer in layers:
+        if layer.spec.max_norm > 0:
+            w = layer.map.weight
+            w.copy_(w.renorm(2, 0, layer.spec.max_norm))
+
+
+def init_uniform(module: nn.Module, init_range: float) -> None:
+    """Weights ~ U(-r, r), biases 0: the paper's initialisation."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.uniform_(m.weight, -init_range, init_range)
+            nn.init.zeros_(m.bias)
+
+
+def build_net(specs, in_shape, num_classes, init_range=0.005, dropout_input=0.0, dropout=0.0) -> Net:
+    """Build a network from its layer specs and initialise it the paper's way."""
+    net = Net(specs, in_shape, num_classes, dropout_input, dropout)
+    init_uniform(net, init_range)
+    return net
+
+
+def count(specs, in_shape, num_classes, counting: str = "actual") -> dict:
+    """Layers, parameters, multiplications and FLOPs of one image's forward pass.
+
+    Multiplications and FLOPs come from torch.utils.flop_counter (FLOPs = 2 x multiply-adds; the maxout
+    max and the pooling are comparisons, not counted). counting='paper' counts as the paper did (spec 2.8):
+    weights only, and the FC maxout layer as 2 pieces.
+    """
+    if counting == "paper":
+        specs = [replace(s, pieces=min(s.pieces, 2)) if s.kind == "fc" else s for s in specs]
+    net = Net(specs, in_shape, num_classes).eval()
+    params = sum(p.numel() for n, p in net.named_parameters() if counting == "actual" or n.endswith("weight"))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, *in_shape))
+    flops = counter.get_total_flops()
+    return {"layers": len(net.specs), "params": params, "mults": flops // 2, "flops": flops}

@@ -1,0 +1,377 @@
+"""Training: one loop that runs a list of stages over a student (hint, kd, ce, joint), or trains a teacher.
+
+Stage kinds (paper section 2):
+  hint   student layers up to the guided layer + regressor, to predict the teacher's hint (Eq. 3)
+  kd     the whole student, cross-entropy + lam * soft cross-entropy with the teacher at tau (Eq. 2)
+  ce     the whole student (or teacher) by plain backprop
+  joint  the whole student, cross-entropy + hint_weight * hint loss in one stage (not the paper's method)
+"""
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from fitnets_cli.checkpoint import atomic_write, load_model, save_model, write_json
+from fitnets_cli.config import ConfigError, Config, Optim
+from fitnets_cli.data import Splits, augment, batches, load_data
+from fitnets_cli.hints import HintPlan, make_regressor, plan_hints, plan_table
+from fitnets_cli.losses import hint_loss, kd_loss, lam_at
+from fitnets_cli.models import Net, apply_max_norm, build_net, count
+from fitnets_cli.ui import console
+
+
+@dataclass
+class Stage:
+    kind: str                                   # hint | kd | ce | joint
+    plans: list[HintPlan] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.plans[0].name if self.kind == "hint" else self.kind
+
+
+@dataclass
+class Session:
+    """What the stages of one run share."""
+    student: Net
+    teacher: Net | None
+    regressors: nn.ModuleDict                   # guided layer name -> regressor
+    cfg: Config
+    optim: Optim
+    device: torch.device
+    tb: SummaryWriter
+    step: int = 0                               # epochs run so far over all stages: the TensorBoard x axis
+    stages_started: int = 0
+
+
+def make_stages(kinds: list[str], plans: list[HintPlan]) -> list[Stage]:
+    """Expand the schedule's stage kinds: one hint stage per hint pair; joint takes every pair at once."""
+    stages = []
+    for kind in kinds:
+        if kind == "hint":
+            stages += [Stage("hint", [plan]) for plan in plans]
+        else:
+            stages.append(Stage(kind, plans if kind == "joint" else []))
+    return stages
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- one step's loss, per stage kind
+
+def stage_loss(s: Session, stage: Stage, x, y, lam: float):
+    """(loss, {term: value}, logits or None) of one batch."""
+    hints = s.cfg.hints
+    if stage.kind == "hint":
+        plan = stage.plans[0]
+        with torch.no_grad():
+            target = s.teacher(x, upto=plan.hint)
+        guided = s.student(x, upto=plan.guided)
+        loss = hint_loss(target, s.regressors[plan.guided](guided), hints.reduction)
+        return loss, {"hint": loss}, None
+    if stage.kind == "kd":
+        with torch.no_grad():
+            teacher_logits = s.teacher(x)
+        logits = s.student(x)
+        loss, ce, soft = kd_loss(logits, teacher_logits, y, s.cfg.recipe.kd.tau, lam)
+        return loss, {"ce": ce, "kd": soft}, logits
+    if stage.kind == "ce":
+        logits = s.student(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"ce": loss}, logits
+    logits, guided = s.student.forward_with(x, [p.guided for p in stage.plans])
+    terms = {"ce": F.cross_entropy(logits, y)}
+    with torch.no_grad():
+        targets = {p.hint: s.teacher(x, upto=p.hint) for p in stage.plans}
+    terms["hint"] = sum(hint_loss(targets[p.hint], s.regressors[p.guided](guided[p.guided]), hints.reduction)
+                        for p in stage.plans)
+    return terms["ce"] + s.cfg.schedule.hint_weight * terms["hint"], terms, logits
+
+
+def trained_layers(s: Session, stage: Stage) -> list[nn.Module]:
+    """Stage 1 trains the student up to its guided layer and the regressor; the rest, all of the student."""
+    if stage.kind == "hint":
+        plan = stage.plans[0]
+        return s.student.upto(plan.guided) + [s.regressors[plan.guided]]
+    return list(s.student.layers.values()) + [s.regressors[p.guided] for p in stage.plans]
+
+
+def make_optimizer(layers: list[nn.Module], regressors, optim: Optim):
+    """RMSProp or SGD, with conv layers' LR scaled by conv_lr_scale (regressors keep the base LR)."""
+    groups = []
+    for layer in layers:
+        scale = optim.conv_lr_scale if layer.spec.kind == "conv" and layer not in regressors else 1.0
+        groups.append({"params": list(layer.parameters()), "lr": optim.lr * scale, "lr_scale": scale})
+    if optim.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=optim.lr, alpha=optim.rms_decay, eps=optim.rms_eps)
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+
+
+def set_epoch_hyper(opt, optim: Optim, epoch: int) -> float:
+    """Apply the linear LR decay and momentum ramp for `epoch`; return the base LR."""
+    ramp = lambda saturate: min(epoch / saturate, 1.0) if saturate > 0 else 0.0
+    lr = optim.lr * (1 - (1 - optim.lr_decay_factor) * ramp(optim.lr_decay_saturate))
+    momentum = optim.momentum + (optim.momentum_final - optim.momentum) * ramp(optim.momentum_saturate)
+    for group in opt.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+        if optim.optimizer == "sgd":
+            group["momentum"] = momentum
+    return lr
+
+
+@torch.no_grad()
+def evaluate(net: Net, x, y, batch_size: int = 1000) -> dict:
+    """Cross-entropy, accuracy and error of `net` on (x, y), in eval mode."""
+    was_training = net.training
+    net.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for idx in batches(len(x), batch_size, x.device, shuffle=False):
+        logits = net(x[idx])
+        loss += F.cross_entropy(logits, y[idx], reduction="sum")
+        correct += (logits.argmax(1) == y[idx]).sum()
+    net.train(was_training)
+    acc = correct.item() / len(x)
+    return {"loss": loss.item() / len(x), "acc": acc, "error": 1 - acc}
+
+
+@torch.no_grad()
+def evaluate_stage(s: Session, stage: Stage, x, y) -> dict:
+    """The validation metrics of a stage; `score` (lower is better) drives early stopping."""
+    if stage.kind == "hint":
+        s.student.eval()
+        total = torch.zeros((), device=x.device)
+        for idx in batches(len(x), s.cfg.eval_batch_size, x.device, shuffle=False):
+            total += stage_loss(s, stage, x[idx], y[idx], 0.0)[0] * len(idx)
+        s.student.train()
+        loss = total.item() / len(x)
+        return {"hint": loss, "score": loss}
+    metrics = evaluate(s.student, x, y, s.cfg.eval_batch_size)
+    return {**metrics, "score": metrics["error"]}
+
+
+# ---------------------------------------------------------------- the loop
+
+def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress, prefix: str = "") -> dict:
+    """Train one stage with early stopping on `valid` (if given); leave the best weights in place."""
+    optim, name = s.optim, prefix + stage.name
+    layers = trained_layers(s, stage)
+    opt = make_optimizer(layers, list(s.regressors.values()), optim)
+    params = [p for layer in layers for p in layer.parameters()]
+    x_train, y_train = train
+    aug = s.cfg.dataset.augment if s.cfg.dataset else None
+    history, best = [], {"score": math.inf, "epoch": -1, "state": None}
+    stage_task = progress.add_task(name, total=max_epochs, status="")
+    batch_task = progress.add_task("  epoch", total=math.ceil(len(x_train) / optim.batch_size), status="")
+    s.stages_started += 1
+    s.tb.add_text("stages", f"stage {name} starts at epoch {s.step}", s.step)
+    for epoch in range(max_epochs):
+        lr = set_epoch_hyper(opt, optim, epoch)
+        lam = lam_at(epoch, s.cfg.recipe.kd) if stage.kind == "kd" else 0.0
+        sums, correct = {}, torch.zeros((), device=s.device)
+        progress.reset(batch_task)
+        for idx in batches(len(x_train), optim.batch_size, s.device):
+            x, y = x_train[idx], y_train[idx]
+            if aug is not None and (aug.pad or aug.flip):
+                x = augment(x, aug.pad, aug.flip)
+            loss, terms, logits = stage_loss(s, stage, x, y, lam)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            apply_max_norm(layers)
+            for k, v in terms.items():   # summed on the device: one host sync per epoch, not per step
+                sums[k] = sums.get(k, 0.0) + v.detach() * len(idx)
+            if logits is not None:
+                correct += (logits.argmax(1) == y).sum()
+            progress.advance(batch_task)
+        record = {"epoch": epoch, "lr": lr, **({"lam": lam} if stage.kind == "kd" else {})}
+        record.update({f"train_{k}": v.item() / len(x_train) for k, v in sums.items()})
+        for k, v in record.items():
+            if k.startswith("train_") and not math.isfinite(v):
+                raise ConfigError(f"stage {name}, epoch {epoch}: the {k[6:]} loss is {v}; lower the LR "
+                                  "(recipe.student.lr / recipe.teacher.lr) or check the teacher checkpoint")
+        if stage.kind != "hint":
+            record["train_acc"] = correct.item() / len(x_train)
+        if valid is not None:
+            record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid).items() if k != "score"})
+            score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
+            if score < best["score"]:
+                best = {"score": score, "epoch": epoch, "state": [copy.deepcopy(l.state_dict()) for l in layers]}
+        history.append(record)
+        for k, v in record.items():
+            if k != "epoch":
+                s.tb.add_scalar(f"{name}/{k.replace('_', '/', 1)}", v, s.step)
+        s.tb.add_scalar("stage", s.stages_started, s.step)   # steps up at each stage boundary
+        s.step += 1
+        status = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("train_", "valid_")))
+        progress.update(stage_task, advance=1, status=status)
+        if not console.is_terminal:
+            console.print(f"{name} epoch {epoch}: {status}")
+        if valid is not None and epoch - best["epoch"] >= optim.patience:
+            break
+    if best["state"] is not None:
+        for layer, state in zip(layers, best["state"]):
+            layer.load_state_dict(state)
+    progress.remove_task(batch_task)
+    progress.remove_task(stage_task)
+    result = {"name": name, "epochs": len(history), "best_epoch": best["epoch"],
+              "best_valid": best["score"] if valid is not None else None, "history": history}
+    console.print(f"[bold]{name}[/]: {len(history)} epochs" +
+                  (f", best validation {'hint loss' if stage.kind == 'hint' else 'error'} "
+                   f"{best['score']:.4g} at epoch {best['epoch']}" if valid is not None else ""))
+    return result
+
+
+def run_stages(s: Session, stages: list[Stage], train, valid, epochs=None, prefix="") -> list[dict]:
+    """Run the stages in order; `epochs` fixes each stage's length (retraining without validation)."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                        console=console, disable=not console.is_terminal)
+    with progress:
+        return [run_stage(s, stage, train, valid, epochs[i] if epochs else s.optim.max_epochs, progress, prefix)
+                for i, stage in enumerate(stages)]
+
+
+# ---------------------------------------------------------------- commands
+
+def teacher_path(cfg: Config) -> Path:
+    """Where `train` finds the teacher: teacher.checkpoint, else the store's <teacher>-<dataset>.pt."""
+    return Path(cfg.teacher.checkpoint or Path(cfg.teacher_store) / f"{cfg.teacher.name}-{cfg.dataset.name}.pt")
+
+
+def load_teacher(cfg: Config, device) -> Net:
+    """The frozen teacher for this run, checked against the configured architecture and dataset."""
+    path = teacher_path(cfg)
+    if not path.is_file():
+        raise ConfigError(f"no teacher checkpoint at {path}; train one with `fitnets train-teacher "
+                          f"teacher={cfg.teacher.name} dataset={cfg.dataset.name}` or pass teacher.checkpoint=PATH")
+    teacher, payload = load_model(path, device)
+    expected = Net(cfg.teacher.layers, cfg.dataset.in_shape, cfg.dataset.num_classes).specs
+    if payload["dataset"]["name"] != cfg.dataset.name or teacher.specs != expected:
+        raise ConfigError(f"teacher checkpoint {path} holds a {payload['name']} trained on "
+                          f"{payload['dataset']['name']} with another architecture or classes than "
+                          f"teacher={cfg.teacher.name} dataset={cfg.dataset.name}; pass the matching teacher.checkpoint")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def fit(cfg: Config, build, stages: list[Stage], data: Splits) -> tuple[Session, dict]:
+    """Run the stages with validation; with recipe.retrain_full, rerun them from scratch on train + valid
+    for the epoch counts that validation chose (paper A.1.2)."""
+    s = build()
+    result = {"stages": run_stages(s, stages, data.train, data.valid)}
+    if cfg.recipe.retrain_full and data.valid is not None:
+        epochs = [max(r["best_epoch"] + 1, 1) for r in result["stages"]]
+        console.print(f"retraining on train + valid for {epochs} epochs")
+        full = tuple(torch.cat(pair) for pair in zip(data.train, data.valid))
+        step = s.step
+        s = build()
+        s.step = step
+        result["retrain"] = run_stages(s, stages, full, None, epochs, prefix="retrain/")
+    return s, result
+
+
+def finish(cfg: Config, s: Session, net: Net, result: dict, data: Splits, role: str, name: str, started: float):
+    """Test the final model, save it, write metrics.json and TensorBoard hparams, print the summary."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    test = evaluate(net, *data.test, cfg.eval_batch_size)
+    sizes = count(net.specs, net.in_shape, net.num_classes, cfg.counting)
+    metrics = {
+        "command": cfg.command, "role": role, "model": name, "dataset": cfg.dataset.name,
+        "teacher": cfg.teacher.name if cfg.teacher else None,
+        "schedule": cfg.schedule.name if cfg.schedule else "teacher", "seed": cfg.seed,
+        "counting": cfg.counting, **sizes, "test": test, "device": str(s.device),
+        "wall_s": round(time.time() - started, 1), **result,
+    }
+    config = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    (run_dir / "config_resolved.yaml").write_text(config)
+    save_model(run_dir / "checkpoints" / f"{role}.pt", net, role=role, name=name, dataset=cfg.dataset,
+               config=config, metrics=test)
+    write_json(run_dir / "metrics.json", metrics)
+    s.tb.add_hparams({"model": name, "dataset": cfg.dataset.name, "schedule": metrics["schedule"],
+                      "seed": cfg.seed, "lr": s.optim.lr, "batch_size": s.optim.batch_size},
+                     {"hparam/test_acc": test["acc"], "hparam/test_loss": test["loss"]}, run_name=".")
+    s.tb.close()
+    table = Table(title=f"{role} {name} on {cfg.dataset.name}")
+    for col in ("stage", "epochs", "best epoch", "best valid"):
+        table.add_column(col)
+    for r in result["stages"] + result.get("retrain", []):
+        table.add_row(r["name"], str(r["epochs"]), str(r["best_epoch"]),
+                      "" if r["best_valid"] is None else f"{r['best_valid']:.4g}")
+    console.print(table)
+    console.print(f"test accuracy {test['acc']:.2%} (error {test['error']:.2%}, loss {test['loss']:.4f}); "
+                  f"{sizes['params']:,} params, {sizes['mults']:,} mults; run dir {run_dir}")
+    return metrics
+
+
+def train_teacher(cfg: Config) -> dict:
+    """`fitnets train-teacher`: backprop with the paper's teacher recipe, saved to the teacher store."""
+    started = time.time()
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.dataset, cfg.data, device)
+    optim = cfg.recipe.teacher
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    tb = SummaryWriter(run_dir / "tb")
+
+    def build():
+        net = build_net(cfg.teacher.layers, cfg.dataset.in_shape, cfg.dataset.num_classes, optim.init_range,
+                        optim.dropout_input, optim.dropout).to(device)
+        return Session(net, None, nn.ModuleDict(), cfg, optim, device, tb)
+
+    s, result = fit(cfg, build, [Stage("ce")], data)
+    metrics = finish(cfg, s, s.student, result, data, "teacher", cfg.teacher.name, started)
+    store = teacher_path(cfg)
+    save_model(store, s.student, role="teacher", name=cfg.teacher.name, dataset=cfg.dataset,
+               config=(run_dir / "config_resolved.yaml").read_text(), metrics=metrics["test"])
+    console.print(f"teacher stored at {store}")
+    return metrics
+
+
+def train_student(cfg: Config) -> dict:
+    """`fitnets train`: the student through the schedule's stages."""
+    started = time.time()
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    kinds = cfg.schedule.stages
+    teacher = load_teacher(cfg, device) if set(kinds) & {"hint", "kd", "joint"} else None
+    optim = cfg.recipe.student
+    student_of = lambda: build_net(cfg.student.layers, cfg.dataset.in_shape, cfg.dataset.num_classes,
+                                   optim.init_range).to(device)
+    plans = plan_hints(teacher, student_of(), cfg.hints.pairs) if set(kinds) & {"hint", "joint"} else []
+    if plans:
+        console.print(plan_table(plans))
+    data = load_data(cfg.dataset, cfg.data, device)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    tb = SummaryWriter(run_dir / "tb")
+
+    def build():
+        regressors = nn.ModuleDict({p.guided: make_regressor(p, cfg.hints.regressor_init_range,
+                                                             cfg.hints.regressor_max_norm) for p in plans})
+        return Session(student_of(), teacher, regressors.to(device), cfg, optim, device, tb)
+
+    s, result = fit(cfg, build, make_stages(kinds, plans), data)
+    metrics = finish(cfg, s, s.student, result, data, "student", cfg.student.name, started)
+    for guided, regressor in s.regressors.items():
+        # Kept apart from the student (Algorithm 1 drops it), for inspection or reuse.
+        atomic_write(run_dir / "checkpoints" / f"regressor-{guided}.pt",
+                     lambda tmp: torch.save(regressor.state_dict(), tmp))
+    return metrics

@@ -1,0 +1,43 @@
+import math
+
+import pytest
+import torch
+
+from fitnets_cli.config import KD
+from fitnets_cli.losses import hint_loss, kd_loss, lam_at
+
+
+def test_hint_loss_is_zero_for_identical_maps_and_half_the_squared_distance_otherwise():
+    a = torch.randn(3, 4, 5, 5)
+    assert hint_loss(a, a.clone()) == 0
+    b = a + 2.0
+    assert hint_loss(a, b, "paper").item() == pytest.approx(0.5 * 4 * 4 * 5 * 5)   # per example, batch mean
+    assert hint_loss(a, b, "code").item() == pytest.approx(0.5 * 4 * 5)            # rows summed, rest averaged
+
+
+def test_kd_loss_matches_a_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.0]])
+    t = torch.tensor([[3.0, 0.0, 0.0]])
+    y = torch.tensor([1])
+    tau, lam = 3.0, 4.0
+    softmax = lambda v: [math.exp(x) / sum(math.exp(z) for z in v) for x in v]
+    ps = softmax([1.0, 2.0, 0.0])
+    pt_tau = softmax([1.0, 0.0, 0.0])                  # teacher logits / 3
+    ps_tau = softmax([1 / 3, 2 / 3, 0.0])
+    ce = -math.log(ps[1])
+    soft = -sum(p * math.log(q) for p, q in zip(pt_tau, ps_tau))
+    total, got_ce, got_soft = kd_loss(s, t, y, tau, lam)
+    assert got_ce.item() == pytest.approx(ce, rel=1e-6)
+    assert got_soft.item() == pytest.approx(soft, rel=1e-6)
+    assert total.item() == pytest.approx(ce + lam * soft, rel=1e-6)   # no tau^2 factor
+
+
+def test_lam_schedule_paper_and_code_settings():
+    paper = KD(lam_start=4, lam_end=1, lam_start_epoch=0, lam_end_epoch=150)
+    assert [lam_at(e, paper) for e in (0, 75, 150, 400)] == [4, 2.5, 1, 1]
+    # The authors' TeacherDecayOverEpoch(start=5, saturate=400): lam0 - step*(count-start+1), step = 3/396.
+    code = KD(lam_start=4, lam_end=1, lam_start_epoch=4, lam_end_epoch=400)
+    step = 3 / 396
+    for count in (0, 4, 5, 6, 200, 399, 400, 450):
+        expected = 4 if count < 5 else (1 if count >= 400 else 4 - step * (count - 5 + 1))
+        assert lam_at(count, code) == pytest.approx(expected)

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from fitnets_cli.compare import load_student
+from fitnets_cli.models import build_net, count
+
+STUDENTS = ["fitnet1", "fitnet2", "fitnet3", "fitnet4", "fitnet_mnist"] + [
+    f"depth{d}_{b}" for d in (5, 7, 9, 11) for b in ("30m", "107m")]
+
+
+def cifar_teacher(make_config, dataset="cifar10"):
+    return make_config("train", [f"dataset={dataset}"]).teacher
+
+
+@pytest.mark.parametrize("name", STUDENTS)
+def test_every_student_builds_and_every_parameter_gets_a_gradient(name):
+    shape = (1, 28, 28) if name == "fitnet_mnist" else (3, 32, 32)
+    net = build_net(load_student(name).layers, shape, 10, init_range=0.05)
+    x = torch.randn(4, *shape)
+    logits = net(x)
+    assert logits.shape == (4, 10) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.arange(4)).backward()
+    for pname, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+@pytest.mark.parametrize("dataset,shape,hint_shape", [
+    ("cifar10", (3, 32, 32), (192, 7, 7)), ("mnist", (1, 28, 28), (48, 4, 4)), ("svhn", (3, 32, 32), (128, 6, 6))])
+def test_teachers_build_with_the_paper_map_sizes(make_config, dataset, shape, hint_shape):
+    teacher = make_config("train", [f"dataset={dataset}"]).teacher
+    net = build_net(teacher.layers, shape, 10, init_range=0.05)
+    assert net.shapes[teacher.hint] == hint_shape
+    net(torch.randn(2, *shape)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_cifar_teacher_maps_follow_ceil_pooling(make_config):
+    net = build_net(cifar_teacher(make_config).layers, (3, 32, 32), 10)
+    assert [net.shapes[n] for n in ("conv1", "conv2", "conv3")] == [(96, 16, 16), (192, 7, 7), (192, 5, 5)]
+
+
+def test_mnist_student_maps_match_the_spec():
+    net = build_net(load_student("fitnet_mnist").layers, (1, 28, 28), 10)
+    assert [net.shapes[f"conv{i}"][1] for i in range(1, 7)] == [24, 10, 12, 4, 8, 3]
+
+
+# Spec section 2.8 (DERIVED): weights only, FC maxout counted as 2 pieces.
+@pytest.mark.parametrize("name,params,mults", [
+    ("fitnet1", 249_576, 30_150_024),
+    ("fitnet2", 861_928, 107_800_000),
+    ("fitnet4", 2_540_000, 381_700_000),
+])
+def test_paper_counts_of_the_cifar_fitnets(name, params, mults):
+    c = count(load_student(name).layers, (3, 32, 32), 10, counting="paper")
+    assert c["layers"] == {"fitnet1": 11, "fitnet2": 11, "fitnet4": 19}[name]
+    if name == "fitnet1":   # the spec gives FitNet 1 exactly
+        assert (c["params"], c["mults"]) == (params, mults)
+    assert c["params"] == pytest.approx(params, rel=0.005)
+    assert c["mults"] == pytest.approx(mults, rel=0.001)
+
+
+def test_paper_counts_of_the_teachers(make_config):
+    cifar = count(cifar_teacher(make_config).layers, (3, 32, 32), 10, counting="paper")
+    assert cifar["layers"] == 5 and cifar["params"] == pytest.approx(9.04e6, rel=0.001)
+    assert cifar["mults"] == pytest.approx(725.09e6, rel=0.0001)
+    mnist = count(make_config("train", ["dataset=mnist"]).teacher.layers, (1, 28, 28), 10, counting="paper")
+    assert mnist["params"] == 360_816
+    svhn = count(make_config("train", ["dataset=svhn"]).teacher.layers, (3, 32, 32), 10, counting="paper")
+    assert svhn["params"] == pytest.approx(4.93e6, rel=0.002)
+    assert count(load_student("fitnet_mnist").layers, (1, 28, 28), 10, counting="paper")["params"] == 29_944
+
+
+def test_actual_counting_includes_biases_and_all_fc_pieces(make_config):
+    layers = cifar_teacher(make_config).layers
+    actual, paper = (count(layers, (3, 32, 32), 10, c) for c in ("actual", "paper"))
+    net = build_net(layers, (3, 32, 32), 10)
+    assert actual["params"] == sum(p.numel() for p in net.parameters())
+    assert actual["params"] == pytest.approx(16.2e6, rel=0.01)     # spec 2.8: 5-piece FC
+    assert actual["mults"] - paper["mults"] == 4800 * 500 * 3      # the 3 extra FC pieces
+
+
+def test_flop_counter_counts_a_small_maxout_net_like_a_hand_count():
+    from fitnets_cli.config import Layer
+    layers = [Layer(name="c", kind="conv", out=4, pieces=3, kernel=3, pad=1, pool=2),
+              Layer(name="f", kind="fc", out=5, pieces=2), Layer(name="softmax", kind="softmax")]
+    c = count(layers, (2, 6, 6), 7)
+    conv = 3 * 3 * 2 * (4 * 3) * 6 * 6      # k^2 * C_in * C_out*pieces * H * W
+    fc = (4 * 3 * 3) * (5 * 2)
+    assert c["mults"] == conv + fc + 5 * 7 and c["flops"] == 2 * c["mults"]

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from fitnets_cli.config import ConfigError, HintPair
+from fitnets_cli.hints import make_regressor, plan_hints
+from fitnets_cli.models import build_net
+from fitnets_cli.train import Session, make_stages, run_stages
+
+
+def mnist_session(make_config, tmp_path, overrides=()):
+    cfg = make_config("train", ["dataset=mnist", "student=fitnet_mnist", *overrides])
+    torch.manual_seed(0)
+    teacher = build_net(cfg.teacher.layers, (1, 28, 28), 10, init_range=0.05).eval().requires_grad_(False)
+    student = build_net(cfg.student.layers, (1, 28, 28), 10, init_range=0.05)
+    plans = plan_hints(teacher, student, cfg.hints.pairs)
+    regressors = nn.ModuleDict({p.guided: make_regressor(p, 0.05, 0.9) for p in plans})
+    s = Session(student, teacher, regressors, cfg, cfg.recipe.student, torch.device("cpu"), SummaryWriter(tmp_path))
+    return s, plans
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    return {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def random_split(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_stage_one_trains_only_the_guided_part_and_the_regressor(make_config, tmp_path):
+    s, plans = mnist_session(make_config, tmp_path)
+    student, teacher, regressor = snapshot(s.student), snapshot(s.teacher), snapshot(s.regressors)
+    run_stages(s, make_stages(["hint"], plans), random_split(64, 0), None, epochs=[2])
+    moved = changed(student, s.student)
+    assert {k.split(".")[1] for k in moved} == {"conv1", "conv2", "conv3", "conv4"}
+    assert not changed(teacher, s.teacher)
+    assert changed(regressor, s.regressors) == set(regressor)
+
+
+def test_hand_off_keeps_the_best_stage_one_weights_and_stage_two_trains_the_whole_student(make_config, tmp_path):
+    # A large LR makes validation loss bounce, so the best epoch is not the last one.
+    s, plans = mnist_session(make_config, tmp_path, ["recipe.student.lr=0.01", "recipe.student.patience=50"])
+    valid = random_split(64, 1)
+    [hint] = run_stages(s, make_stages(["hint"], plans), random_split(64, 0), valid, epochs=[4])
+    losses = [r["valid_hint"] for r in hint["history"]]
+    assert hint["best_epoch"] == losses.index(min(losses)) != len(losses) - 1
+    from fitnets_cli.train import evaluate_stage
+    assert evaluate_stage(s, make_stages(["hint"], plans)[0], *valid)["hint"] == pytest.approx(min(losses), rel=1e-5)
+    student, regressor = snapshot(s.student), snapshot(s.regressors)
+    run_stages(s, make_stages(["kd"], plans), random_split(64, 0), None, epochs=[1])
+    assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.names)
+    assert not changed(regressor, s.regressors)
+
+
+def test_retraining_without_validation_runs_the_given_epochs(make_config, tmp_path):
+    s, plans = mnist_session(make_config, tmp_path)
+    results = run_stages(s, make_stages(["hint", "kd"], plans), random_split(32, 0), None, epochs=[2, 3])
+    assert [r["epochs"] for r in results] == [2, 3]
+    assert [r["lam"] for r in results[1]["history"]] == [4.0, pytest.approx(4 - 3 / 150), pytest.approx(4 - 6 / 150)]
+
+
+def test_several_hint_pairs_become_successive_stages_shallowest_first(make_config):
+    cfg = make_config("train", ["dataset=cifar10", "student=fitnet4"])
+    teacher = build_net(cfg.teacher.layers, (3, 32, 32), 10)
+    student = build_net(cfg.student.layers, (3, 32, 32), 10)
+    plans = plan_hints(teacher, student, [HintPair("conv2", "conv11"), HintPair("conv1", "conv5")])
+    assert [(p.guided, p.kernel) for p in plans] == [("conv5", (1, 1)), ("conv11", (2, 2))]
+    assert [s.name for s in make_stages(["hint", "kd"], plans)] == ["hint:conv5<-conv1", "hint:conv11<-conv2", "kd"]
+    # The paper's FitNet 4 regressor: 2x2 maxout conv, 80 -> 192 x 2 pieces (~123K weights).
+    assert plans[1].regressor_params == 2 * 2 * 80 * 192 * 2 + 192 * 2
+
+
+def test_impossible_hint_shapes_and_unknown_layers_stop_with_a_clear_error(make_config):
+    cfg = make_config("train", ["dataset=svhn", "student=fitnet4"])
+    teacher = build_net(cfg.teacher.layers, (3, 32, 32), 10)
+    student = build_net(cfg.student.layers, (3, 32, 32), 10)
+    with pytest.raises(ConfigError, match="larger than the student's"):
+        plan_hints(teacher, student, [HintPair("conv2", "conv11")])
+    with pytest.raises(ConfigError, match="layers are: conv1, conv2"):
+        plan_hints(teacher, student, [HintPair("conv9", "conv11")])
+    with pytest.raises(ConfigError, match="guided layer 'conv99'"):
+        plan_hints(teacher, student, [HintPair("conv3", "conv99")])
+    with pytest.raises(ConfigError, match="conv layers on both sides"):
+        plan_hints(teacher, student, [HintPair("fc", "conv11")])
