@@ -88,3 +88,12 @@ def test_impossible_hint_shapes_and_unknown_layers_stop_with_a_clear_error(make_
         plan_hints(teacher, student, [HintPair("conv3", "conv99")])
     with pytest.raises(ConfigError, match="conv layers on both sides"):
         plan_hints(teacher, student, [HintPair("fc", "conv11")])
+
+
+def test_joint_stage_trains_the_whole_student_and_the_regressor_together(make_config, tmp_path):
+    s, plans = mnist_session(make_config, tmp_path, ["schedule=hint_joint"])
+    student, teacher, regressor = snapshot(s.student), snapshot(s.teacher), snapshot(s.regressors)
+    [result] = run_stages(s, make_stages(["joint"], plans), random_split(64, 0), None, epochs=[1])
+    assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.names)
+    assert changed(regressor, s.regressors) == set(regressor) and not changed(teacher, s.teacher)
+    assert {"train_ce", "train_hint", "train_acc"} <= set(result["history"][0])

@@ -60,7 +60,7 @@ def compare_command(cfg: Config) -> list[dict]:
                  for name in cfg.students]
     teacher = next((r for r in rows if r["role"] == "teacher"), None)
     table = Table(title=f"compare (counting={cfg.counting})")
-    columns = ["model", "layers", "params", "mults", "FLOPs (2 x mults)", "compression", "mult. saving"]
+    columns = ["model", "layers", "params", "mults", "FLOPs (2 x mults)", "compression", "fewer mults"]
     if cfg.runs:
         columns.insert(1, "dataset")
         columns.append("test acc")
@@ -73,7 +73,7 @@ def compare_command(cfg: Config) -> list[dict]:
         cells = {"model": r["model"], "dataset": r.get("dataset", ""), "layers": str(r["layers"]),
                  "params": f"{r['params']:,}", "mults": f"{r['mults']:,}", "FLOPs (2 x mults)": f"{r['flops']:,}",
                  "compression": f"{r['compression']:.2f}" if teacher else "",
-                 "mult. saving": f"{r['mult_saving']:.2f}" if teacher else "",
+                 "fewer mults": f"{r['mult_saving']:.2f}" if teacher else "",
                  "test acc": f"{r['test_acc']:.2%}" if "test_acc" in r else ""}
         table.add_row(*(cells[c] for c in columns))
     console.print(table)

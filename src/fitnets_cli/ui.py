@@ -1,5 +1,7 @@
-"""The console every command prints to (rich renders plain text when output is not a terminal)."""
+"""The console every command prints to: rich bars in a terminal, plain lines in a log file."""
 
 from rich.console import Console
 
 console = Console(highlight=False, soft_wrap=True)
+if not console.is_terminal:
+    console.width = 160   # log files: keep wide tables on one line each

@@ -1,0 +1,25 @@
+# `make demo` and `make test` each work in one step on a fresh machine: the environment is created and
+# the package installed first when missing (or when pyproject.toml changed).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	FITNETS=$(BIN)/fitnets sh scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) runs multirun teachers

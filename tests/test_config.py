@@ -1,0 +1,90 @@
+from importlib import resources
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from fitnets_cli.config import ConfigError
+from fitnets_cli.hints import plan_hints
+from fitnets_cli.models import build_net
+
+
+def options(group):
+    folder = resources.files("fitnets_cli.conf").joinpath(group)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def student_dataset(student):
+    return "mnist" if student == "fitnet_mnist" else "cifar10"
+
+
+def test_the_groups_hold_the_issue_options():
+    assert options("dataset") == ["cifar10", "cifar100", "mnist", "mnist_subset", "svhn"]
+    assert options("schedule") == ["backprop", "fitnets", "hint_joint", "kd"]
+    assert {"fitnet1", "fitnet2", "fitnet3", "fitnet4", "fitnet_mnist", "depth5_30m", "depth11_107m"} <= set(options("student"))
+    assert options("recipe") == options("dataset")
+
+
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_every_dataset_composes_with_its_recipe_and_teacher(make_config, dataset):
+    for command in ("train", "train_teacher", "compare"):
+        cfg = make_config(command, [f"dataset={dataset}"])
+        assert cfg.dataset.name == dataset and cfg.teacher.name == "maxout"
+    cfg = make_config("train", [f"dataset={dataset}"])
+    family = {"cifar10": "cifar", "cifar100": "cifar", "svhn": "svhn"}.get(dataset, "mnist")
+    assert cfg.teacher.layers == cfg.teacher.variants[family].layers
+    assert cfg.recipe.student.lr == (0.0005 if family == "mnist" else 0.005)
+
+
+@pytest.mark.parametrize("student", options("student"))
+def test_every_student_composes_and_its_paper_hint_pair_plans(make_config, student):
+    dataset = student_dataset(student)
+    cfg = make_config("train", [f"student={student}", f"dataset={dataset}"])
+    shape = cfg.dataset.in_shape
+    teacher = build_net(cfg.teacher.layers, shape, 10)
+    [plan] = plan_hints(teacher, build_net(cfg.student.layers, shape, 10), cfg.hints.pairs)
+    assert plan.guided == cfg.student.guided and plan.hint == "conv2"
+
+
+@pytest.mark.parametrize("schedule", options("schedule"))
+@pytest.mark.parametrize("hints", options("hints"))
+def test_every_schedule_and_hints_option_composes(make_config, schedule, hints):
+    cfg = make_config("train", [f"schedule={schedule}", f"hints={hints}"])
+    assert cfg.schedule.name == schedule and cfg.schedule.stages
+
+
+def test_svhn_default_hint_pair_joins_the_fitnets(make_config):
+    for student in ("fitnet3", "fitnet4"):
+        cfg = make_config("train", ["dataset=svhn", f"student={student}"])
+        teacher = build_net(cfg.teacher.layers, (3, 32, 32), 10)
+        [plan] = plan_hints(teacher, build_net(cfg.student.layers, (3, 32, 32), 10), cfg.hints.pairs)
+        assert plan.kernel == (3, 3)
+
+
+def test_paper_versus_code_choices_are_reachable(make_config):
+    cfg = make_config("train", ["dataset=mnist", "student=fitnet_mnist", "student.layers.4.pieces=4",
+                                "student.layers.5.pieces=4", "teacher.variants.mnist.layers.2.pieces=4",
+                                "recipe.kd.lam_end=0", "recipe.student.optimizer=sgd", "hints.reduction=code"])
+    assert [l.pieces for l in cfg.student.layers[4:6]] == [4, 4] and cfg.teacher.layers[2].pieces == 4
+    assert (cfg.recipe.kd.lam_end, cfg.recipe.student.optimizer, cfg.hints.reduction) == (0, "sgd", "code")
+
+
+def test_unknown_keys_and_wrong_types_fail_at_composition(make_config):
+    with pytest.raises(ConfigCompositionException):
+        make_config("train", ["recipe.student.lrr=0.1"])
+    with pytest.raises(ConfigCompositionException):
+        make_config("train", ["recipe.student.batch_size=big"])
+    with pytest.raises(ConfigCompositionException):
+        make_config("train", ["student=fitnet99"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("recipe.student.max_epochs=0", "max_epochs must be > 0"),
+    ("recipe.student.batch_size=-1", "batch_size must be > 0"),
+    ("recipe.kd.tau=0", "tau must be > 0"),
+    ("device=tpu", "device='tpu' is not one of auto, cpu, cuda"),
+    ("schedule.stages=[hint,distill]", "schedule.stages entry='distill'"),
+])
+def test_bad_values_fail_with_a_message_naming_the_key(make_config, override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        make_config("train", [override])
