@@ -33,7 +33,7 @@ def test_every_dataset_composes_with_its_recipe_and_teacher(make_config, dataset
     cfg = make_config("train", [f"dataset={dataset}"])
     family = {"cifar10": "cifar", "cifar100": "cifar", "svhn": "svhn"}.get(dataset, "mnist")
     assert cfg.teacher.layers == cfg.teacher.variants[family].layers
-    assert cfg.recipe.student.lr == (0.0005 if family == "mnist" else 0.005)
+    assert cfg.recipe.student.lr == {"mnist": 0.0005, "mnist_subset": 0.002}.get(dataset, 0.005)
 
 
 @pytest.mark.parametrize("student", options("student"))
