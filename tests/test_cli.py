@@ -74,9 +74,11 @@ def test_backprop_needs_no_teacher_and_a_two_job_multirun_works(tiny, tmp_path):
 def test_missing_teacher_names_the_command_that_trains_it(tiny, tmp_path):
     proc = fitnets("train", *tiny, "student=fitnet_mnist", f"hydra.run.dir={tmp_path / 'r'}", check=False)
     assert proc.returncode == 2
-    lines = proc.stdout.strip().splitlines()
+    lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "fitnets train-teacher teacher=maxout dataset=mnist" in lines[0]
     assert "Traceback" not in proc.stdout + proc.stderr
+    proc = fitnets("eval", check=False)
+    assert proc.returncode == 2 and "eval needs checkpoint=PATH" in proc.stderr
 
 
 def test_architecture_comparison_without_runs():

@@ -32,9 +32,13 @@ def test_kd_loss_matches_a_hand_computation():
     assert total.item() == pytest.approx(ce + lam * soft, rel=1e-6)   # no tau^2 factor
 
 
-def test_lam_schedule_paper_and_code_settings():
-    paper = KD(lam_start=4, lam_end=1, lam_start_epoch=0, lam_end_epoch=150)
-    assert [lam_at(e, paper) for e in (0, 75, 150, 400)] == [4, 2.5, 1, 1]
+def test_lam_schedule_paper_and_code_settings(make_config):
+    # The paper's MNIST schedule: 4 -> 1 over the first 150 epochs (0-based epochs 0..149).
+    paper = make_config("train", ["dataset=mnist"]).recipe.kd
+    assert [lam_at(e, paper) for e in (0, 149, 150, 400)] == [4, 1, 1, 1]
+    assert lam_at(74.5, paper) == pytest.approx(2.5) and 1 < lam_at(148, paper) < 1.03
+    cifar = make_config("train", ["dataset=cifar10"]).recipe.kd
+    assert lam_at(0, cifar) == 4 and lam_at(499, cifar) == 1 and lam_at(498, cifar) > 1
     # The authors' TeacherDecayOverEpoch(start=5, saturate=400): lam0 - step*(count-start+1), step = 3/396.
     code = KD(lam_start=4, lam_end=1, lam_start_epoch=4, lam_end_epoch=400)
     step = 3 / 396

@@ -4,7 +4,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.config import ConfigError, HintPair
-from fitnets_cli.hints import make_regressor, plan_hints
+from fitnets_cli.hints import make_regressors, plan_hints
 from fitnets_cli.models import build_net
 from fitnets_cli.train import Session, make_stages, run_stages
 
@@ -15,7 +15,7 @@ def mnist_session(make_config, tmp_path, overrides=()):
     teacher = build_net(cfg.teacher.layers, (1, 28, 28), 10, init_range=0.05).eval().requires_grad_(False)
     student = build_net(cfg.student.layers, (1, 28, 28), 10, init_range=0.05)
     plans = plan_hints(teacher, student, cfg.hints.pairs)
-    regressors = nn.ModuleDict({p.guided: make_regressor(p, 0.05, 0.9) for p in plans})
+    regressors = make_regressors(plans, 0.05, 0.9)
     s = Session(student, teacher, regressors, cfg, cfg.recipe.student, torch.device("cpu"), SummaryWriter(tmp_path))
     return s, plans
 
@@ -62,7 +62,7 @@ def test_retraining_without_validation_runs_the_given_epochs(make_config, tmp_pa
     s, plans = mnist_session(make_config, tmp_path)
     results = run_stages(s, make_stages(["hint", "kd"], plans), random_split(32, 0), None, epochs=[2, 3])
     assert [r["epochs"] for r in results] == [2, 3]
-    assert [r["lam"] for r in results[1]["history"]] == [4.0, pytest.approx(4 - 3 / 150), pytest.approx(4 - 6 / 150)]
+    assert [r["lam"] for r in results[1]["history"]] == [4.0, pytest.approx(4 - 3 / 149), pytest.approx(4 - 6 / 149)]
 
 
 def test_several_hint_pairs_become_successive_stages_shallowest_first(make_config):
@@ -88,6 +88,23 @@ def test_impossible_hint_shapes_and_unknown_layers_stop_with_a_clear_error(make_
         plan_hints(teacher, student, [HintPair("conv3", "conv99")])
     with pytest.raises(ConfigError, match="conv layers on both sides"):
         plan_hints(teacher, student, [HintPair("fc", "conv11")])
+    with pytest.raises(ConfigError, match="guides a student layer twice"):
+        plan_hints(teacher, student, [HintPair("conv3", "conv11"), HintPair("conv2", "conv11")])
+    with pytest.raises(ConfigError, match="hints.pairs is empty"):
+        plan_hints(teacher, student, [])
+
+
+def test_identical_shapes_need_no_regressor(make_config, tmp_path):
+    cfg = make_config("train", ["dataset=cifar10", "student=fitnet4"])
+    teacher = build_net(cfg.teacher.layers, (3, 32, 32), 10)
+    student = build_net(cfg.student.layers, (3, 32, 32), 10)
+    # FitNet 4's conv5 gives 16x16x48 maps; a hypothetical teacher layer of that shape needs no regressor.
+    from fitnets_cli.config import Layer
+    twin = build_net([Layer(name="conv1", kind="conv", out=48, pieces=2, kernel=3, pad=1, pool=2),
+                      Layer(name="softmax", kind="softmax")], (3, 32, 32), 10)
+    [plan] = plan_hints(twin, student, [HintPair("conv1", "conv5")])
+    assert plan.regressor_params == 0 and not make_regressors([plan], 0.05, 0.9)
+    assert plan_hints(teacher, student, [HintPair("conv2", "conv11")])[0].regressor_params > 0
 
 
 def test_joint_stage_trains_the_whole_student_and_the_regressor_together(make_config, tmp_path):

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from fitnets_cli.config import ConfigError, to_config
-from fitnets_cli.ui import console
+from fitnets_cli.ui import errors
 
 # command -> (primary config in conf/, what it does)
 COMMANDS = {
@@ -39,7 +39,7 @@ def _task(command: str):
         except (ConfigError, OmegaConfBaseException) as err:
             if os.environ.get("FITNETS_DEBUG"):
                 raise
-            console.print(f"[bold red]error:[/] {err}".splitlines()[0], soft_wrap=True)
+            errors.print(f"[bold red]error:[/] {err}".splitlines()[0])
             sys.exit(2)
 
     return task

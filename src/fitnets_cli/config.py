@@ -94,6 +94,7 @@ class Data:
     root: str = "data"                  # where torchvision finds (or downloads) the datasets
     download: bool = False
     split_seed: int = 0                 # seeds the train/valid split, independent of the run's seed
+    cache: Optional[str] = None         # preprocessed-data cache (GCN/ZCA, LCN); None: <root>/fitnets_cache
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Optim:
     init_range: float = 0.005           # weights ~ U(-r, r), biases 0
     dropout_input: float = 0.0
     dropout: float = 0.0
+    augment: Optional[Augment] = None   # None: the dataset's augmentation
 
     def __post_init__(self):
         _one_of(self.optimizer, ("rmsprop", "sgd"), "optimizer")
@@ -128,8 +130,8 @@ class KD:
     tau: float = 3.0
     lam_start: float = 4.0
     lam_end: float = 1.0
-    lam_start_epoch: int = 0            # lam is lam_start up to here ...
-    lam_end_epoch: int = 500            # ... and reaches lam_end here, linearly
+    lam_start_epoch: int = 0            # lam is lam_start up to this (0-based) stage-2 epoch ...
+    lam_end_epoch: int = 499            # ... and reaches lam_end at this one, linearly
 
     def __post_init__(self):
         _require(self.tau > 0, f"recipe.kd.tau must be > 0, got {self.tau}")

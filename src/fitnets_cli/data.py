@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchvision
 
 from fitnets_cli.config import ConfigError
+from fitnets_cli.ui import console
 
 
 @dataclass
@@ -29,7 +30,8 @@ def load_data(dataset, data, device) -> Splits:
     pools = [("train", dataset.valid_size)]
     if dataset.extra:
         # Goodfellow et al.'s SVHN split: 400 per class from train and 200 per class from extra.
-        pools = [("train", dataset.valid_size * 2 // 3), ("extra", dataset.valid_size // 3)]
+        from_train = dataset.valid_size * 2 // 3
+        pools = [("train", from_train), ("extra", dataset.valid_size - from_train)]
     train, valid = [], []
     for i, (pool, size) in enumerate(pools):
         labels = raw[pool][1]
@@ -122,12 +124,15 @@ def _svhn(ds):
 def _preprocess(raw: dict, dataset, data) -> dict:
     if dataset.preprocess == "scale":
         return {s: x.float() / 255 for s, (x, _) in raw.items()}
-    key = f"{dataset.name}-{dataset.preprocess}-gcn{dataset.gcn_scale:g}-zca{dataset.zca_bias:g}"
-    if dataset.extra:
-        key += "-extra"
-    cache = Path(data.root) / "fitnets_cache" / f"{key}.pt"
+    key = f"{dataset.name}-{dataset.preprocess}-gcn{dataset.gcn_scale:g}"
+    key += f"-zca{dataset.zca_bias:g}" if dataset.preprocess == "gcn_zca" else ""
+    key += "-extra" if dataset.extra else ""
+    cache = Path(data.cache or Path(data.root) / "fitnets_cache") / f"{key}.pt"
     if cache.exists():
-        return torch.load(cache)
+        try:
+            return torch.load(cache)
+        except Exception:   # a damaged cache is recomputed, never trusted
+            console.print(f"preprocessing cache {cache} is unreadable; recomputing it")
     images = {s: gcn(x.float(), dataset.gcn_scale) for s, (x, _) in raw.items()}
     if dataset.preprocess == "gcn_zca":
         # Fit on all training images (valid included), as pylearn2's make_cifar10_gcn_whitened.py.
@@ -135,10 +140,14 @@ def _preprocess(raw: dict, dataset, data) -> dict:
         images = {s: zca_apply(x, mean, whiten) for s, x in images.items()}
     else:
         images = {s: lecun_lcn(x) for s, x in images.items()}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(images, tmp)
-    os.replace(tmp, cache)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(images, tmp)
+        os.replace(tmp, cache)
+    except OSError as err:
+        console.print(f"could not cache the preprocessed data at {cache} ({err.strerror}); "
+                      "set data.cache=DIR to a writable folder to skip this work next time")
     return images
 
 

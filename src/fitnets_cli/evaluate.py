@@ -11,6 +11,8 @@ from fitnets_cli.ui import console
 
 def eval_command(cfg: Config) -> dict:
     """Evaluate checkpoint=PATH on the test set of its dataset (or of dataset=NAME)."""
+    if not cfg.checkpoint:
+        raise ConfigError("eval needs checkpoint=PATH (a run's checkpoints/student.pt or teacher.pt)")
     device = pick_device(cfg.device)
     net, payload = load_model(cfg.checkpoint, device)
     dataset = cfg.dataset or saved_dataset(payload)

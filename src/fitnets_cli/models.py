@@ -18,10 +18,12 @@ class MaxoutLayer(nn.Module):
     Pooling uses ceil arithmetic, as pylearn2/cuda-convnet did: only it gives the paper's map sizes.
     """
 
-    def __init__(self, spec: Layer, in_channels: int, dropout: float = 0.0):
+    def __init__(self, spec: Layer, in_channels: int, dropout: float = 0.0, rescale: bool = True):
         super().__init__()
         self.spec = spec
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
+        # pylearn2 drops the input layer's units without rescaling the kept ones (input_scales 1).
+        self.keep_scale = 1.0 if rescale else 1.0 - dropout
         pieces = spec.pieces if spec.kind != "softmax" else 1
         if spec.kind == "conv":
             self.map = nn.Conv2d(in_channels, spec.out * pieces, spec.kernel, padding=spec.pad)
@@ -32,7 +34,9 @@ class MaxoutLayer(nn.Module):
     def forward(self, x):
         if self.spec.kind != "conv":
             x = x.flatten(1)
-        z = self.map(self.dropout(x))
+        if self.training and self.dropout > 0:
+            x = F.dropout(x, self.dropout) * self.keep_scale
+        z = self.map(x)
         if self.pieces > 1:
             z = z.unflatten(1, (self.spec.out, self.pieces)).amax(2)
         if self.spec.pool:
@@ -62,7 +66,7 @@ class Net(nn.Module):
                 if spec.kind == "conv" and len(shape) != 3:
                     raise ConfigError(f"layer {spec.name}: a conv layer cannot follow a flat layer")
                 in_features = shape[0] if spec.kind == "conv" else math.prod(shape)
-                layer = MaxoutLayer(spec, in_features, dropout_input if i == 0 else dropout)
+                layer = MaxoutLayer(spec, in_features, dropout_input if i == 0 else dropout, rescale=i > 0)
                 try:
                     x = layer(x)
                 except RuntimeError as err:
@@ -81,9 +85,14 @@ class Net(nn.Module):
         if name not in self.layers:
             raise ConfigError(f"{role} layer {name!r} does not exist; layers are: {', '.join(self.names)}")
 
-    def forward(self, x, upto: str | None = None):
+    def outputs(self, x):
+        """Yield (layer name, output) through the network."""
         for name, layer in self.layers.items():
             x = layer(x)
+            yield name, x
+
+    def forward(self, x, upto: str | None = None):
+        for name, x in self.outputs(x):
             if name == upto:
                 break
         return x
@@ -91,8 +100,7 @@ class Net(nn.Module):
     def forward_with(self, x, taps):
         """The logits and {name: output} of the layers named in `taps`."""
         features = {}
-        for name, layer in self.layers.items():
-            x = layer(x)
+        for name, x in self.outputs(x):
             if name in taps:
                 features[name] = x
         return x, features

@@ -10,7 +10,7 @@ Stage kinds (paper section 2):
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from fitnets_cli.checkpoint import atomic_write, load_model, save_model, write_json
 from fitnets_cli.config import ConfigError, Config, Optim
 from fitnets_cli.data import Splits, augment, batches, load_data
-from fitnets_cli.hints import HintPlan, make_regressor, plan_hints, plan_table
+from fitnets_cli.hints import HintPlan, make_regressors, plan_hints, plan_table
 from fitnets_cli.losses import hint_loss, kd_loss, lam_at
 from fitnets_cli.models import Net, apply_max_norm, build_net, count
 from fitnets_cli.ui import console
@@ -43,7 +43,7 @@ class Stage:
 
 @dataclass
 class Session:
-    """What the stages of one run share."""
+    """What the stages of one run share. `student` is the network being trained (in train-teacher, the teacher)."""
     student: Net
     teacher: Net | None
     regressors: nn.ModuleDict                   # guided layer name -> regressor
@@ -77,6 +77,11 @@ def pick_device(name: str) -> torch.device:
 
 # ---------------------------------------------------------------- one step's loss, per stage kind
 
+def regress(s: Session, guided: str, x):
+    """The regressor's prediction of the hint from the guided map (the map itself when shapes match)."""
+    return s.regressors[guided](x) if guided in s.regressors else x
+
+
 def stage_loss(s: Session, stage: Stage, x, y, lam: float):
     """(loss, {term: value}, logits or None) of one batch."""
     hints = s.cfg.hints
@@ -85,7 +90,7 @@ def stage_loss(s: Session, stage: Stage, x, y, lam: float):
         with torch.no_grad():
             target = s.teacher(x, upto=plan.hint)
         guided = s.student(x, upto=plan.guided)
-        loss = hint_loss(target, s.regressors[plan.guided](guided), hints.reduction)
+        loss = hint_loss(target, regress(s, plan.guided, guided), hints.reduction)
         return loss, {"hint": loss}, None
     if stage.kind == "kd":
         with torch.no_grad():
@@ -97,21 +102,22 @@ def stage_loss(s: Session, stage: Stage, x, y, lam: float):
         logits = s.student(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"ce": loss}, logits
+    assert stage.kind == "joint", stage.kind
     logits, guided = s.student.forward_with(x, [p.guided for p in stage.plans])
     terms = {"ce": F.cross_entropy(logits, y)}
     with torch.no_grad():
         targets = {p.hint: s.teacher(x, upto=p.hint) for p in stage.plans}
-    terms["hint"] = sum(hint_loss(targets[p.hint], s.regressors[p.guided](guided[p.guided]), hints.reduction)
+    terms["hint"] = sum(hint_loss(targets[p.hint], regress(s, p.guided, guided[p.guided]), hints.reduction)
                         for p in stage.plans)
     return terms["ce"] + s.cfg.schedule.hint_weight * terms["hint"], terms, logits
 
 
 def trained_layers(s: Session, stage: Stage) -> list[nn.Module]:
     """Stage 1 trains the student up to its guided layer and the regressor; the rest, all of the student."""
+    regressors = [s.regressors[p.guided] for p in stage.plans if p.guided in s.regressors]
     if stage.kind == "hint":
-        plan = stage.plans[0]
-        return s.student.upto(plan.guided) + [s.regressors[plan.guided]]
-    return list(s.student.layers.values()) + [s.regressors[p.guided] for p in stage.plans]
+        return s.student.upto(stage.plans[0].guided) + regressors
+    return list(s.student.layers.values()) + regressors
 
 
 def make_optimizer(layers: list[nn.Module], regressors, optim: Optim):
@@ -155,17 +161,15 @@ def evaluate(net: Net, x, y, batch_size: int = 1000) -> dict:
 
 @torch.no_grad()
 def evaluate_stage(s: Session, stage: Stage, x, y) -> dict:
-    """The validation metrics of a stage; `score` (lower is better) drives early stopping."""
+    """The validation metrics of a stage: hint loss for hint stages, else loss, accuracy and error."""
     if stage.kind == "hint":
         s.student.eval()
         total = torch.zeros((), device=x.device)
         for idx in batches(len(x), s.cfg.eval_batch_size, x.device, shuffle=False):
             total += stage_loss(s, stage, x[idx], y[idx], 0.0)[0] * len(idx)
         s.student.train()
-        loss = total.item() / len(x)
-        return {"hint": loss, "score": loss}
-    metrics = evaluate(s.student, x, y, s.cfg.eval_batch_size)
-    return {**metrics, "score": metrics["error"]}
+        return {"hint": total.item() / len(x)}
+    return evaluate(s.student, x, y, s.cfg.eval_batch_size)
 
 
 # ---------------------------------------------------------------- the loop
@@ -177,7 +181,7 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
     opt = make_optimizer(layers, list(s.regressors.values()), optim)
     params = [p for layer in layers for p in layer.parameters()]
     x_train, y_train = train
-    aug = s.cfg.dataset.augment if s.cfg.dataset else None
+    aug = optim.augment or s.cfg.dataset.augment
     history, best = [], {"score": math.inf, "epoch": -1, "state": None}
     stage_task = progress.add_task(name, total=max_epochs, status="")
     batch_task = progress.add_task("  epoch", total=math.ceil(len(x_train) / optim.batch_size), status="")
@@ -211,7 +215,7 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
         if stage.kind != "hint":
             record["train_acc"] = correct.item() / len(x_train)
         if valid is not None:
-            record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid).items() if k != "score"})
+            record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid).items()})
             score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
             if score < best["score"]:
                 best = {"score": score, "epoch": epoch, "state": [copy.deepcopy(l.state_dict()) for l in layers]}
@@ -289,9 +293,9 @@ def fit(cfg: Config, build, stages: list[Stage], data: Splits) -> tuple[Session,
     return s, result
 
 
-def finish(cfg: Config, s: Session, net: Net, result: dict, data: Splits, role: str, name: str, started: float):
+def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name: str, started: float, run_dir: Path):
     """Test the final model, save it, write metrics.json and TensorBoard hparams, print the summary."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    net = s.student
     test = evaluate(net, *data.test, cfg.eval_batch_size)
     sizes = count(net.specs, net.in_shape, net.num_classes, cfg.counting)
     metrics = {
@@ -322,23 +326,23 @@ def finish(cfg: Config, s: Session, net: Net, result: dict, data: Splits, role: 
     return metrics
 
 
-def train_teacher(cfg: Config) -> dict:
+def train_teacher(cfg: Config, run_dir: Path | None = None) -> dict:
     """`fitnets train-teacher`: backprop with the paper's teacher recipe, saved to the teacher store."""
     started = time.time()
+    run_dir = run_dir or Path(HydraConfig.get().runtime.output_dir)
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     data = load_data(cfg.dataset, cfg.data, device)
     optim = cfg.recipe.teacher
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     tb = SummaryWriter(run_dir / "tb")
 
     def build():
+        torch.manual_seed(cfg.seed)
         net = build_net(cfg.teacher.layers, cfg.dataset.in_shape, cfg.dataset.num_classes, optim.init_range,
                         optim.dropout_input, optim.dropout).to(device)
         return Session(net, None, nn.ModuleDict(), cfg, optim, device, tb)
 
     s, result = fit(cfg, build, [Stage("ce")], data)
-    metrics = finish(cfg, s, s.student, result, data, "teacher", cfg.teacher.name, started)
+    metrics = finish(cfg, s, result, data, "teacher", cfg.teacher.name, started, run_dir)
     store = teacher_path(cfg)
     save_model(store, s.student, role="teacher", name=cfg.teacher.name, dataset=cfg.dataset,
                config=(run_dir / "config_resolved.yaml").read_text(), metrics=metrics["test"])
@@ -349,27 +353,28 @@ def train_teacher(cfg: Config) -> dict:
 def train_student(cfg: Config) -> dict:
     """`fitnets train`: the student through the schedule's stages."""
     started = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     kinds = cfg.schedule.stages
     teacher = load_teacher(cfg, device) if set(kinds) & {"hint", "kd", "joint"} else None
     optim = cfg.recipe.student
-    student_of = lambda: build_net(cfg.student.layers, cfg.dataset.in_shape, cfg.dataset.num_classes,
-                                   optim.init_range).to(device)
-    plans = plan_hints(teacher, student_of(), cfg.hints.pairs) if set(kinds) & {"hint", "joint"} else []
-    if plans:
+    shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
+    plans = []
+    if set(kinds) & {"hint", "joint"}:
+        plans = plan_hints(teacher, Net(cfg.student.layers, shape, classes), cfg.hints.pairs)
         console.print(plan_table(plans))
     data = load_data(cfg.dataset, cfg.data, device)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     tb = SummaryWriter(run_dir / "tb")
 
     def build():
-        regressors = nn.ModuleDict({p.guided: make_regressor(p, cfg.hints.regressor_init_range,
-                                                             cfg.hints.regressor_max_norm) for p in plans})
-        return Session(student_of(), teacher, regressors.to(device), cfg, optim, device, tb)
+        # Seeded here, so every schedule with the same seed starts from the same student.
+        torch.manual_seed(cfg.seed)
+        student = build_net(cfg.student.layers, shape, classes, optim.init_range).to(device)
+        regressors = make_regressors(plans, cfg.hints.regressor_init_range, cfg.hints.regressor_max_norm)
+        return Session(student, teacher, regressors.to(device), cfg, optim, device, tb)
 
     s, result = fit(cfg, build, make_stages(kinds, plans), data)
-    metrics = finish(cfg, s, s.student, result, data, "student", cfg.student.name, started)
+    metrics = finish(cfg, s, result, data, "student", cfg.student.name, started, run_dir)
     for guided, regressor in s.regressors.items():
         # Kept apart from the student (Algorithm 1 drops it), for inspection or reuse.
         atomic_write(run_dir / "checkpoints" / f"regressor-{guided}.pt",
