@@ -1,5 +1,7 @@
-import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,34 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
+def fitnets(*args, cwd=None, check=True):
+    """Run the real `fitnets` entry point in a subprocess."""
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "fitnets_cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fitnets {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 @pytest.fixture
 def tiny_mnist(tmp_path):
     """A data root with tiny MNIST files in the official IDX layout: 20 train and 5 test images per class."""
+    return write_tiny_mnist(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny(tiny_mnist, tmp_path):
+    """Overrides that make every command run on the tiny MNIST files in seconds."""
+    return ["dataset=mnist", f"data.root={tiny_mnist}", "dataset.valid_size=50", f"teacher_store={tmp_path / 'teachers'}",
+            "recipe.teacher.max_epochs=2", "recipe.student.max_epochs=2", "recipe.teacher.optimizer=rmsprop",
+            "recipe.teacher.lr=0.002", "device=cpu"]
+
+
+def write_tiny_mnist(root: Path) -> Path:
+    """Write 20 train and 5 test images per class as MNIST's raw IDX files under root/MNIST/raw."""
     rng = np.random.default_rng(0)
-    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for prefix, per_class in (("train", 20), ("t10k", 5)):
         labels = np.repeat(np.arange(10), per_class)
@@ -39,4 +64,4 @@ def tiny_mnist(tmp_path):
             images[i, 2 + 2 * c: 4 + 2 * c, 4:24] = 255
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    return tmp_path / "data"
+    return root

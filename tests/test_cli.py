@@ -9,21 +9,7 @@ import pytest
 import torch
 
 
-def fitnets(*args, cwd=None, check=True):
-    env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "fitnets_cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"fitnets {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture
-def tiny(tiny_mnist, tmp_path):
-    """Overrides that make every command run on the tiny MNIST files in seconds."""
-    return ["dataset=mnist", f"data.root={tiny_mnist}", "dataset.valid_size=50", f"teacher_store={tmp_path / 'teachers'}",
-            "recipe.teacher.max_epochs=2", "recipe.student.max_epochs=2", "recipe.teacher.optimizer=rmsprop",
-            "recipe.teacher.lr=0.002", "device=cpu"]
+from conftest import fitnets
 
 
 def test_help_lists_the_commands_and_the_config_groups():

@@ -1,17 +1,42 @@
-"""`fitnets compare`: students against their teacher in layers, params, multiplications and accuracy."""
+"""`fitnets compare`: students against their teacher in the columns of the paper's Table 5 (layers, params,
+multiplications, accuracy, speed-up, compression), from finished runs and/or model configs."""
 
+import csv
 import glob
+import io
 import json
+import platform
+import statistics
+import time
 from importlib import resources
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from rich.table import Table
 
-from fitnets_cli.checkpoint import load_payload
+from fitnets_cli.checkpoint import atomic_write, load_payload
 from fitnets_cli.config import ConfigError, Config, Layer, Student
-from fitnets_cli.models import count
-from fitnets_cli.ui import console
+from fitnets_cli.models import Net, count
+from fitnets_cli.train import pick_device
+from fitnets_cli.ui import console, errors
+
+# key -> column header. Accuracies are in percent; gaps are percentage points.
+COLUMNS = {
+    "model": "model", "schedule": "schedule", "variant": "variant", "dataset": "dataset", "seeds": "seeds",
+    "layers": "layers", "params": "params", "mults": "mults", "flops": "FLOPs (2x mults)",
+    "latency_ms": "latency ms", "speedup": "speed-up", "compression": "compression",
+    "test_acc": "test acc % best-valid", "test_acc_last": "test acc % last-epoch",
+    "gap_teacher": "vs teacher", "gap_backprop": "vs backprop",
+}
+TEXT_COLUMNS = ("model", "schedule", "variant", "dataset")
+SCHEDULE_ORDER = ("", "backprop", "kd", "hint_joint", "fitnets")
+# Config keys that do not change what a run measures: runs that differ only in these (and the seed) group.
+NOT_IDENTITY = ("seed", "command", "device", "counting", "checkpoint", "eval_batch_size", "students", "runs",
+                "format", "out", "plots", "speed", "teacher_store", "data.root", "data.cache", "data.download",
+                "teacher.checkpoint", "teacher.auto_train", "teacher.variants")
+# A teacher's run is also unaffected by the student settings of the config it was trained under.
+NOT_TEACHER_IDENTITY = ("student", "hints", "schedule", "recipe.student", "recipe.kd", "recipe.retrain_full")
 
 
 def load_student(name: str) -> Student:
@@ -35,46 +60,211 @@ def find_runs(patterns: list[str]) -> list[Path]:
             runs += [path] if (path / "metrics.json").is_file() else sorted(m.parent for m in path.rglob("metrics.json"))
     if not runs:
         raise ConfigError(f"runs: no metrics.json under {patterns}; are these finished fitnets runs?")
-    return runs
+    return sorted(set(runs))
 
 
-def run_row(run: Path, counting: str) -> dict:
-    """One finished run: its model's sizes (recounted from the checkpoint) and its test accuracy."""
-    metrics = json.loads((run / "metrics.json").read_text())
-    payload = load_payload(run / "checkpoints" / f"{metrics['role']}.pt")
-    layers = [Layer(**spec) for spec in payload["layers"]]
-    label = metrics["model"] if metrics["role"] == "teacher" else f"{metrics['model']} ({metrics['schedule']})"
-    return {"model": label, "role": metrics["role"], "dataset": metrics["dataset"],
-            **count(layers, payload["in_shape"], payload["num_classes"], counting), "test_acc": metrics["test"]["acc"]}
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: json.dumps(v)})
+    return out
+
+
+def _identity(run: dict) -> dict:
+    skip = NOT_IDENTITY + (NOT_TEACHER_IDENTITY if run["metrics"]["role"] == "teacher" else ())
+    return {k: v for k, v in _flat(run["config"]).items()
+            if not any(k == s or k.startswith(s + ".") for s in skip)}
+
+
+def load_run(path: Path) -> dict:
+    """A finished run's metrics, resolved config and saved architecture."""
+    metrics = json.loads((path / "metrics.json").read_text())
+    payload = load_payload(path / "checkpoints" / f"{metrics['role']}.pt")
+    config = OmegaConf.to_container(OmegaConf.load(path / "config_resolved.yaml"))
+    return {"dir": path, "metrics": metrics, "config": config, "arch": payload}
+
+
+def group_runs(runs: list[dict]) -> list[list[dict]]:
+    """Runs whose configs differ only by seed (and output settings), in first-seen order."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(json.dumps(sorted(_identity(run).items())), []).append(run)
+    return list(groups.values())
+
+
+def _mean_std(values):
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def group_row(group: list[dict], counting: str) -> dict:
+    """One table row for runs that differ only by seed: accuracy mean and sample std over seeds."""
+    m, arch = group[0]["metrics"], group[0]["arch"]
+    layers = [Layer(**spec) for spec in arch["layers"]]
+    acc = _mean_std([100 * r["metrics"]["test"]["acc"] for r in group])
+    last = _mean_std([100 * r["metrics"].get("test_last", r["metrics"]["test"])["acc"] for r in group])
+    return {"model": m["model"], "role": m["role"], "schedule": m["schedule"] if m["role"] == "student" else "",
+            "dataset": m["dataset"], "seeds": len(group),
+            **count(layers, arch["in_shape"], arch["num_classes"], counting), "arch": (layers, arch["in_shape"], arch["num_classes"]),
+            "test_acc": acc[0], "test_acc_std": acc[1], "test_acc_last": last[0], "test_acc_last_std": last[1],
+            "runs": [str(r["dir"]) for r in group], "identity": _identity(group[0])}
+
+
+def _label_variants(rows: list[dict]) -> None:
+    """Where groups share model, schedule and dataset, name the settings that tell them apart."""
+    by_label = {}
+    for r in rows:
+        by_label.setdefault((r["model"], r["schedule"], r["dataset"]), []).append(r)
+    for same in by_label.values():
+        if len(same) > 1:
+            keys = sorted({k for r in same for k, v in r["identity"].items() if any(o["identity"].get(k) != v for o in same)})
+            for r in same:
+                r["variant"] = ", ".join(f"{'.'.join(k.split('.')[-2:])}={json.loads(r['identity'][k])}"
+                                         for k in keys if k in r["identity"])
+
+
+def arch_rows(cfg: Config) -> list[dict]:
+    """Rows for the configured teacher and students, before any training."""
+    shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
+    rows = [{"model": cfg.teacher.name, "role": "teacher", "schedule": "", "dataset": cfg.dataset.name,
+             "layers_spec": cfg.teacher.layers}]
+    rows += [{"model": name, "role": "student", "schedule": "", "dataset": cfg.dataset.name,
+              "layers_spec": load_student(name).layers} for name in cfg.students or cfg.dataset.students]
+    for r in rows:
+        layers = r.pop("layers_spec")
+        r.update(count(layers, shape, classes, cfg.counting), arch=(layers, shape, classes))
+    return rows
+
+
+def measure_latency(rows: list[dict], speed, device) -> None:
+    """Median batched inference latency (ms) of each row's architecture, after warm-up."""
+    cache = {}
+    for r in rows:
+        layers, shape, classes = r["arch"]
+        key = json.dumps([[vars(l) for l in layers], list(shape), classes])
+        if key not in cache:
+            net = Net(layers, shape, classes).to(device).eval()
+            x = torch.randn(speed.batch_size, *shape, device=device)
+            times = []
+            with torch.no_grad():
+                for i in range(speed.warmup + speed.repeats):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    net(x)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - start)
+            cache[key] = 1000 * statistics.median(times[speed.warmup:])
+        r["latency_ms"] = cache[key]
+
+
+def device_name(device) -> str:
+    """The device that latencies were measured on, in words."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def add_references(rows: list[dict]) -> None:
+    """Speed-up, compression and accuracy gaps against the same dataset's teacher and backprop student."""
+    for r in rows:
+        teacher = next((t for t in rows if t["role"] == "teacher" and t["dataset"] == r["dataset"]), None)
+        # The same student by backprop: of several, the one whose settings match this row's most closely.
+        backprops = [b for b in rows if b["schedule"] == "backprop" and b["dataset"] == r["dataset"]
+                     and b["model"] == r["model"]]
+        backprop = max(backprops, default=None, key=lambda b: sum(
+            b.get("identity", {}).get(k) == v for k, v in r.get("identity", {}).items()))
+        if teacher:
+            r["compression"] = teacher["params"] / r["params"]
+            if "latency_ms" in r:
+                r["speedup"] = teacher["latency_ms"] / r["latency_ms"]
+            if "test_acc" in r and "test_acc" in teacher and r is not teacher:
+                r["gap_teacher"] = r["test_acc"] - teacher["test_acc"]
+        if backprop and "test_acc" in r and r["schedule"] != "backprop":
+            r["gap_backprop"] = r["test_acc"] - backprop["test_acc"]
+
+
+def _cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    if v is None or v == "":
+        return ""
+    if key in ("test_acc", "test_acc_last"):
+        return f"{v:.2f}" + (f" ± {row[key + '_std']:.2f}" if row.get("seeds", 0) > 1 else "")
+    if key in ("gap_teacher", "gap_backprop"):
+        return f"{v:+.2f}"
+    if key in ("params", "mults", "flops"):
+        return _human(v)
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def _human(n: int) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+def render(rows: list[dict], columns: list[str], fmt: str, note: str) -> str:
+    """The table as markdown, CSV (raw numbers) or JSON (one object per row, numeric fields)."""
+    keys = columns + [c + "_std" for c in ("test_acc", "test_acc_last") if c in columns] + ["role"]
+    if fmt == "json":
+        return json.dumps([{k: r.get(k) for k in keys + ["runs"]} for r in rows], indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(keys)
+        writer.writerows([[r.get(k, "") for k in keys] for r in rows])
+        return buf.getvalue()
+    lines = ["| " + " | ".join(COLUMNS[c] for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, c) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + f"\n\n{note}\n"
 
 
 def compare_command(cfg: Config) -> list[dict]:
-    """Print the comparison table: of finished runs (runs=...) or of the configured architectures."""
+    """Print (or write) the comparison table, and the plots when plots=DIR."""
+    rows = []
     if cfg.runs:
-        rows = [run_row(run, cfg.counting) for run in find_runs(cfg.runs)]
-    else:
-        shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
-        rows = [{"model": f"{cfg.teacher.name} ({cfg.dataset.family})", "role": "teacher",
-                 **count(cfg.teacher.layers, shape, classes, cfg.counting)}]
-        rows += [{"model": name, "role": "student", **count(load_student(name).layers, shape, classes, cfg.counting)}
-                 for name in cfg.students]
-    teacher = next((r for r in rows if r["role"] == "teacher"), None)
-    table = Table(title=f"compare (counting={cfg.counting})")
-    columns = ["model", "layers", "params", "mults", "FLOPs (2 x mults)", "compression", "fewer mults"]
+        runs = [load_run(path) for path in find_runs(cfg.runs)]
+        rows = [group_row(g, cfg.counting) for g in group_runs(runs)]
+        _label_variants(rows)
+    if cfg.students or not cfg.runs:
+        rows += arch_rows(cfg)
+    device = pick_device(cfg.device)
+    note = f"counting={cfg.counting}; FLOPs = 2 x multiply-adds (torch.utils.flop_counter)"
+    if cfg.speed.enabled:
+        errors.print(f"measuring inference latency on {device_name(device)} ...")
+        measure_latency(rows, cfg.speed, device)
+        note += (f"; speed-up = teacher / model median latency, batch {cfg.speed.batch_size}, median of "
+                 f"{cfg.speed.repeats} after {cfg.speed.warmup} warm-up, on {device_name(device)}")
     if cfg.runs:
-        columns.insert(1, "dataset")
-        columns.append("test acc")
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("model", "dataset") else "right")
+        note += "; accuracy: mean ± sample std over seeds"
+    add_references(rows)
+    rows.sort(key=lambda r: (r["dataset"], r["role"] != "teacher", r["model"],
+                             SCHEDULE_ORDER.index(r["schedule"]) if r["schedule"] in SCHEDULE_ORDER else 9,
+                             r.get("variant", "")))
+    columns = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows) or c in ("model", "params", "mults")]
+    table = Table(title="compare", caption=note)
+    for c in columns:
+        table.add_column(COLUMNS[c], justify="left" if c in TEXT_COLUMNS else "right", overflow="fold",
+                         no_wrap=c in ("model", "schedule", "dataset"))
     for r in rows:
-        if teacher:
-            r["compression"] = teacher["params"] / r["params"]
-            r["mult_saving"] = teacher["mults"] / r["mults"]
-        cells = {"model": r["model"], "dataset": r.get("dataset", ""), "layers": str(r["layers"]),
-                 "params": f"{r['params']:,}", "mults": f"{r['mults']:,}", "FLOPs (2 x mults)": f"{r['flops']:,}",
-                 "compression": f"{r['compression']:.2f}" if teacher else "",
-                 "fewer mults": f"{r['mult_saving']:.2f}" if teacher else "",
-                 "test acc": f"{r['test_acc']:.2%}" if "test_acc" in r else ""}
-        table.add_row(*(cells[c] for c in columns))
-    console.print(table)
-    return rows
+        table.add_row(*(_cell(r, c) for c in columns))
+    if cfg.format == "table" or cfg.out:
+        console.print(table)
+    if cfg.format != "table":
+        text = render(rows, columns, cfg.format, note)
+        if cfg.out:
+            atomic_write(Path(cfg.out), lambda tmp: tmp.write_text(text))
+            console.print(f"wrote {cfg.out}")
+        else:
+            print(text, end="")
+    if cfg.plots:
+        from fitnets_cli.plots import plot_curves, plot_tradeoffs
+        written = plot_tradeoffs(rows, Path(cfg.plots))
+        if cfg.runs:
+            written.append(plot_curves(runs, Path(cfg.plots)))
+        errors.print("plots: " + ", ".join(map(str, written)))
+    return [{k: v for k, v in r.items() if k not in ("arch", "identity")} for r in rows]

@@ -2,7 +2,7 @@
 wrong type fails at composition; `__post_init__` checks (run by `to_config`) catch bad values."""
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -52,6 +52,7 @@ class Teacher:
     hint: str = MISSING                 # the paper's hint layer for this teacher
     layers: List[Layer] = MISSING
     checkpoint: Optional[str] = None    # None: the teacher store's entry for this teacher and dataset
+    auto_train: bool = False            # train: with no checkpoint, train the teacher first (in <run>/teacher)
     variants: Dict[str, TeacherVariant] = field(default_factory=dict)
 
 
@@ -82,6 +83,7 @@ class Dataset:
     gcn_scale: float = 55.0
     zca_bias: float = 0.1
     extra: bool = False                 # SVHN: train on train + extra
+    students: List[str] = field(default_factory=list)   # the paper's students on this dataset (compare's default)
     augment: Augment = field(default_factory=Augment)
 
     def __post_init__(self):
@@ -176,6 +178,18 @@ class Schedule:
 
 
 @dataclass
+class Speed:
+    enabled: bool = True
+    batch_size: int = 64
+    warmup: int = 2
+    repeats: int = 5                    # the median of these timed forward passes is reported
+
+    def __post_init__(self):
+        _require(self.batch_size > 0 and self.repeats > 0 and self.warmup >= 0,
+                 "speed.batch_size and speed.repeats must be > 0, speed.warmup >= 0")
+
+
+@dataclass
 class Config:
     command: str = MISSING
     dataset: Optional[Dataset] = None
@@ -192,10 +206,18 @@ class Config:
     counting: str = "actual"
     checkpoint: Optional[str] = None    # eval: the model to evaluate
     eval_batch_size: int = 1000
-    students: List[str] = field(default_factory=list)   # compare: student configs to list
-    runs: List[str] = field(default_factory=list)       # compare: run directories or globs
+    # compare
+    students: List[str] = field(default_factory=list)   # student configs; [] with no runs: dataset.students
+    runs: Any = field(default_factory=list)             # run directories, globs or sweep directories
+    format: str = "table"                               # table | md | csv | json
+    out: Optional[str] = None                           # write md/csv/json here instead of stdout
+    plots: Optional[str] = None                         # write PNG plots into this directory
+    speed: Speed = field(default_factory=Speed)
 
     def __post_init__(self):
+        if isinstance(self.runs, str):
+            self.runs = [self.runs]
+        _one_of(self.format, ("table", "md", "csv", "json"), "format")
         _one_of(self.device, ("auto", "cpu", "cuda"), "device")
         _one_of(self.counting, ("actual", "paper"), "counting")
         _require(self.eval_batch_size > 0, "eval_batch_size must be > 0")

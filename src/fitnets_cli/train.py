@@ -51,6 +51,7 @@ class Session:
     optim: Optim
     device: torch.device
     tb: SummaryWriter
+    test: tuple | None = None                   # the test split, scored at each stage's last epoch
     step: int = 0                               # epochs run so far over all stages: the TensorBoard x axis
     stages_started: int = 0
 
@@ -231,13 +232,16 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
             console.print(f"{name} epoch {epoch}: {status}")
         if valid is not None and epoch - best["epoch"] >= optim.patience:
             break
+    # The last epoch's test score, taken before the best epoch's weights come back.
+    test_last = evaluate(s.student, *s.test, s.cfg.eval_batch_size) if s.test and stage.kind != "hint" else None
     if best["state"] is not None:
         for layer, state in zip(layers, best["state"]):
             layer.load_state_dict(state)
     progress.remove_task(batch_task)
     progress.remove_task(stage_task)
     result = {"name": name, "epochs": len(history), "best_epoch": best["epoch"],
-              "best_valid": best["score"] if valid is not None else None, "history": history}
+              "best_valid": best["score"] if valid is not None else None, "test_last": test_last,
+              "history": history}
     console.print(f"[bold]{name}[/]: {len(history)} epochs" +
                   (f", best validation {'hint loss' if stage.kind == 'hint' else 'error'} "
                    f"{best['score']:.4g} at epoch {best['epoch']}" if valid is not None else ""))
@@ -281,6 +285,7 @@ def fit(cfg: Config, build, stages: list[Stage], data: Splits) -> tuple[Session,
     """Run the stages with validation; with recipe.retrain_full, rerun them from scratch on train + valid
     for the epoch counts that validation chose (paper A.1.2)."""
     s = build()
+    s.test = data.test
     result = {"stages": run_stages(s, stages, data.train, data.valid)}
     if cfg.recipe.retrain_full and data.valid is not None:
         epochs = [max(r["best_epoch"] + 1, 1) for r in result["stages"]]
@@ -288,7 +293,7 @@ def fit(cfg: Config, build, stages: list[Stage], data: Splits) -> tuple[Session,
         full = tuple(torch.cat(pair) for pair in zip(data.train, data.valid))
         step = s.step
         s = build()
-        s.step = step
+        s.step, s.test = step, data.test
         result["retrain"] = run_stages(s, stages, full, None, epochs, prefix="retrain/")
     return s, result
 
@@ -297,12 +302,14 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
     """Test the final model, save it, write metrics.json and TensorBoard hparams, print the summary."""
     net = s.student
     test = evaluate(net, *data.test, cfg.eval_batch_size)
+    last_stage = (result.get("retrain") or result["stages"])[-1]
     sizes = count(net.specs, net.in_shape, net.num_classes, cfg.counting)
     metrics = {
         "command": cfg.command, "role": role, "model": name, "dataset": cfg.dataset.name,
         "teacher": cfg.teacher.name if cfg.teacher else None,
-        "schedule": cfg.schedule.name if cfg.schedule else "teacher", "seed": cfg.seed,
-        "counting": cfg.counting, **sizes, "test": test, "device": str(s.device),
+        "schedule": "teacher" if role == "teacher" else cfg.schedule.name, "seed": cfg.seed,
+        "counting": cfg.counting, **sizes, "test": test, "test_last": last_stage["test_last"] or test,
+        "device": str(s.device),
         "wall_s": round(time.time() - started, 1), **result,
     }
     config = OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -356,7 +363,12 @@ def train_student(cfg: Config) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = pick_device(cfg.device)
     kinds = cfg.schedule.stages
-    teacher = load_teacher(cfg, device) if set(kinds) & {"hint", "kd", "joint"} else None
+    teacher = None
+    if set(kinds) & {"hint", "kd", "joint"}:
+        if cfg.teacher.auto_train and not teacher_path(cfg).is_file():
+            console.print(f"no teacher at {teacher_path(cfg)}: training it first (teacher.auto_train=true)")
+            train_teacher(cfg, run_dir / "teacher")
+        teacher = load_teacher(cfg, device)
     optim = cfg.recipe.student
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     plans = []

@@ -4,5 +4,5 @@ from rich.console import Console
 
 console = Console(highlight=False, soft_wrap=True)
 if not console.is_terminal:
-    console.width = 160   # log files: keep wide tables on one line each
+    console.width = 200   # log files: keep wide tables on one line each
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
