@@ -8,4 +8,4 @@ common="dataset=mnist_subset teacher_store=$OUT/teachers"
 $FITNETS train-teacher $common hydra.run.dir=$OUT/teacher
 $FITNETS train $common student=fitnet_mnist schedule=fitnets hydra.run.dir=$OUT/fitnet
 $FITNETS train $common student=fitnet_mnist schedule=backprop hydra.run.dir=$OUT/backprop
-$FITNETS compare "runs=[$OUT/teacher,$OUT/fitnet,$OUT/backprop]"
+$FITNETS compare runs=$OUT

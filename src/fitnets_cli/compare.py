@@ -208,8 +208,9 @@ def _human(n: int) -> str:
 
 
 def render(rows: list[dict], columns: list[str], fmt: str, note: str) -> str:
-    """The table as markdown, CSV (raw numbers) or JSON (one object per row, numeric fields)."""
-    keys = columns + [c + "_std" for c in ("test_acc", "test_acc_last") if c in columns] + ["role"]
+    """The table as markdown (the shown columns), or CSV / JSON (every column, raw numbers, one object per
+    row), so scripts see the same fields whatever the rows hold."""
+    keys = list(COLUMNS) + ["test_acc_std", "test_acc_last_std", "role"]
     if fmt == "json":
         return json.dumps([{k: r.get(k) for k in keys + ["runs"]} for r in rows], indent=2) + "\n"
     if fmt == "csv":
