@@ -8,6 +8,7 @@ import statistics
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -121,3 +122,39 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
         if {"hint", "joint"} & set(cfg.schedule.stages):
             shape = cfg.dataset.in_shape
             plan_hints(Net(cfg.teacher.layers, shape, 10), Net(cfg.student.layers, shape, 10), cfg.hints.pairs)
+
+
+def write_svhn(root, rng):
+    import scipy.io
+    for split, per_class in (("train", 4), ("test", 2), ("extra", 3)):
+        labels = np.repeat(np.arange(1, 11), per_class)
+        scipy.io.savemat(root / f"{split}_32x32.mat",
+                         {"X": rng.integers(0, 256, (32, 32, 3, len(labels)), dtype=np.uint8), "y": labels[:, None]})
+
+
+@pytest.mark.parametrize("experiment,valid", [("cifar10_table5", 10), ("cifar100", 100), ("svhn", 30), ("depth_study", 10)])
+def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, tmp_path, monkeypatch):
+    """In-process, so that torchvision accepts tiny files whose MD5 sums cannot match the real ones."""
+    import torchvision
+    from fitnets_cli import cli
+    from test_data import write_cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args: True)
+    rng = np.random.default_rng(0)
+    if experiment == "svhn":
+        write_svhn(tmp_path, rng)
+    else:
+        write_cifar(tmp_path, "cifar100" if experiment == "cifar100" else "cifar10", 5, 1,
+                    100 if experiment == "cifar100" else 10, rng)
+    sweep = tmp_path / "sweep"
+    monkeypatch.setattr("sys.argv", ["fitnets", "train", "-m", f"experiment={experiment}", "seed=0",
+                                     f"data.root={tmp_path}", f"dataset.valid_size={valid}",
+                                     f"teacher_store={tmp_path / 'teachers'}", "recipe.teacher.max_epochs=1",
+                                     "recipe.student.max_epochs=1", "device=cpu", f"hydra.sweep.dir={sweep}"])
+    cli.main()
+    jobs = {"cifar10_table5": 4, "cifar100": 1, "svhn": 2, "depth_study": 24}[experiment]
+    runs = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
+    assert len(runs) == jobs + 1 and sum(r["role"] == "teacher" for r in runs) == 1
+    rows = compare_json(f"runs={sweep}", "speed.enabled=false")
+    assert len(rows) == jobs + 1 and rows[0]["role"] == "teacher"
