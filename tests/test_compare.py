@@ -145,8 +145,8 @@ def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, tmp_path, mo
     if experiment == "svhn":
         write_svhn(tmp_path, rng)
     else:
-        write_cifar(tmp_path, "cifar100" if experiment == "cifar100" else "cifar10", 5, 1,
-                    100 if experiment == "cifar100" else 10, rng)
+        name, classes = ("cifar100", 100) if experiment == "cifar100" else ("cifar10", 10)
+        write_cifar(tmp_path, name, 2 if name == "cifar100" else 5, 1, classes, rng)
     sweep = tmp_path / "sweep"
     monkeypatch.setattr("sys.argv", ["fitnets", "train", "-m", f"experiment={experiment}", "seed=0",
                                      f"data.root={tmp_path}", f"dataset.valid_size={valid}",
