@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	FITNETS=$(BIN)/fitnets sh scripts/demo.sh
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py --json bench.json
 
 clean:
 	rm -rf $(VENV) runs multirun teachers

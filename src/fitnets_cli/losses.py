@@ -10,7 +10,7 @@ def hint_loss(hint, pred, reduction: str = "paper"):
     paper: summed over each example's map, averaged over the batch. code: the authors' HintCost, summed
     over map rows and averaged over everything else (the same up to a constant factor).
     """
-    sq = 0.5 * (hint - pred).pow(2)
+    sq = 0.5 * (hint.float() - pred.float()).pow(2)   # in float32 even under bf16 autocast
     if reduction == "paper":
         return sq.flatten(1).sum(1).mean()
     return sq.sum(2).mean()

@@ -97,13 +97,19 @@ class Net(nn.Module):
                 break
         return x
 
-    def forward_with(self, x, taps):
-        """The logits and {name: output} of the layers named in `taps`."""
-        features = {}
-        for name, x in self.outputs(x):
-            if name in taps:
-                features[name] = x
-        return x, features
+    def taps(self, x, names) -> dict:
+        """{name: output} of the named layers (None: the logits), running only as deep as they need."""
+        names = set(names)
+        depth = max(len(self.layers) - 1 if n is None else self.names.index(n) for n in names)
+        out = {}
+        for i, (name, x) in enumerate(self.outputs(x)):
+            if name in names:
+                out[name] = x
+            if i == depth:
+                break
+        if None in names:
+            out[None] = x
+        return out
 
     def upto(self, name: str) -> list[nn.Module]:
         """The layers up to and including `name`: what a hint stage trains."""

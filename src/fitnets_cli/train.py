@@ -67,6 +67,20 @@ def make_stages(kinds: list[str], plans: list[HintPlan]) -> list[Stage]:
     return stages
 
 
+def autocast(s: Session):
+    """bf16 autocast on CUDA when `amp` is on; a no-op on CPU."""
+    return torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.cfg.amp and s.device.type == "cuda")
+
+
+def maybe_compile(net: Net, cfg: Config) -> Net:
+    """With compile=true, torch.compile each layer, so every path through the net (up to a hint or
+    guided layer, or all of it) runs compiled code."""
+    if cfg.compile:
+        for layer in net.layers.values():
+            layer.compile()
+    return net
+
+
 def pick_device(name: str) -> torch.device:
     """auto: CUDA when available, else CPU."""
     if name == "auto":
@@ -83,34 +97,57 @@ def regress(s: Session, guided: str, x):
     return s.regressors[guided](x) if guided in s.regressors else x
 
 
-def stage_loss(s: Session, stage: Stage, x, y, lam: float):
-    """(loss, {term: value}, logits or None) of one batch."""
+def teacher_layers(stage: Stage) -> list[str | None]:
+    """The teacher outputs a stage needs: hint maps by layer name, None for the logits."""
+    return {"hint": [p.hint for p in stage.plans[:1]], "kd": [None], "joint": [p.hint for p in stage.plans]}.get(stage.kind, [])
+
+
+@torch.no_grad()
+def teacher_cache(s: Session, stage: Stage, x, split: str) -> dict | None:
+    """The teacher's outputs on all of `x`, computed once per stage, or None when they cannot be reused:
+    caching is off, the inputs are augmented (the teacher must see each step's view), or it is too big."""
+    layers = teacher_layers(stage)
+    aug = s.optim.augment or s.cfg.dataset.augment
+    if not (layers and s.cfg.teacher_cache and (split != "train" or not (aug.pad or aug.flip))):
+        return None
+    size = len(x) * sum(math.prod(s.teacher.shapes[l] if l else (s.teacher.num_classes,)) for l in layers) * 4
+    if size > s.cfg.teacher_cache_gb * 2**30:
+        return None
+    parts = [s.teacher.taps(x[idx], layers) for idx in batches(len(x), s.cfg.eval_batch_size, x.device, False)]
+    return {l: torch.cat([p[l] for p in parts]) for l in layers}
+
+
+def stage_loss(s: Session, stage: Stage, x, y, lam: float, targets: dict):
+    """(loss, {term: value}, logits or None) of one batch; `targets` holds the teacher's outputs."""
     hints = s.cfg.hints
     if stage.kind == "hint":
         plan = stage.plans[0]
-        with torch.no_grad():
-            target = s.teacher(x, upto=plan.hint)
         guided = s.student(x, upto=plan.guided)
-        loss = hint_loss(target, regress(s, plan.guided, guided), hints.reduction)
+        loss = hint_loss(targets[plan.hint], regress(s, plan.guided, guided), hints.reduction)
         return loss, {"hint": loss}, None
     if stage.kind == "kd":
-        with torch.no_grad():
-            teacher_logits = s.teacher(x)
         logits = s.student(x)
-        loss, ce, soft = kd_loss(logits, teacher_logits, y, s.cfg.recipe.kd.tau, lam)
+        loss, ce, soft = kd_loss(logits, targets[None], y, s.cfg.recipe.kd.tau, lam)
         return loss, {"ce": ce, "kd": soft}, logits
     if stage.kind == "ce":
         logits = s.student(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"ce": loss}, logits
     assert stage.kind == "joint", stage.kind
-    logits, guided = s.student.forward_with(x, [p.guided for p in stage.plans])
-    terms = {"ce": F.cross_entropy(logits, y)}
-    with torch.no_grad():
-        targets = {p.hint: s.teacher(x, upto=p.hint) for p in stage.plans}
-    terms["hint"] = sum(hint_loss(targets[p.hint], regress(s, p.guided, guided[p.guided]), hints.reduction)
+    out = s.student.taps(x, [p.guided for p in stage.plans] + [None])
+    terms = {"ce": F.cross_entropy(out[None], y)}
+    terms["hint"] = sum(hint_loss(targets[p.hint], regress(s, p.guided, out[p.guided]), hints.reduction)
                         for p in stage.plans)
-    return terms["ce"] + s.cfg.schedule.hint_weight * terms["hint"], terms, logits
+    return terms["ce"] + s.cfg.schedule.hint_weight * terms["hint"], terms, out[None]
+
+
+def batch_targets(s: Session, stage: Stage, x, cache: dict | None, idx) -> dict:
+    """The teacher outputs for one batch: rows of the cache, or a live teacher pass as deep as needed."""
+    if cache is not None:
+        return {l: t[idx] for l, t in cache.items()}
+    layers = teacher_layers(stage)
+    with torch.no_grad():
+        return s.teacher.taps(x, layers) if layers else {}
 
 
 def trained_layers(s: Session, stage: Stage) -> list[nn.Module]:
@@ -161,13 +198,15 @@ def evaluate(net: Net, x, y, batch_size: int = 1000) -> dict:
 
 
 @torch.no_grad()
-def evaluate_stage(s: Session, stage: Stage, x, y) -> dict:
+def evaluate_stage(s: Session, stage: Stage, x, y, cache: dict | None = None) -> dict:
     """The validation metrics of a stage: hint loss for hint stages, else loss, accuracy and error."""
     if stage.kind == "hint":
         s.student.eval()
         total = torch.zeros((), device=x.device)
         for idx in batches(len(x), s.cfg.eval_batch_size, x.device, shuffle=False):
-            total += stage_loss(s, stage, x[idx], y[idx], 0.0)[0] * len(idx)
+            targets = batch_targets(s, stage, x[idx], cache, idx)
+            with autocast(s):
+                total += stage_loss(s, stage, x[idx], y[idx], 0.0, targets)[0] * len(idx)
         s.student.train()
         return {"hint": total.item() / len(x)}
     return evaluate(s.student, x, y, s.cfg.eval_batch_size)
@@ -184,6 +223,11 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
     x_train, y_train = train
     aug = optim.augment or s.cfg.dataset.augment
     history, best = [], {"score": math.inf, "epoch": -1, "state": None}
+    cache = teacher_cache(s, stage, x_train, "train")
+    valid_cache = teacher_cache(s, stage, valid[0], "valid") if valid is not None and stage.kind == "hint" else None
+    if cache is not None:
+        console.print(f"{name}: teacher outputs computed once for the {len(x_train)} training images "
+                      "(no augmentation); no teacher pass in the training steps")
     stage_task = progress.add_task(name, total=max_epochs, status="")
     batch_task = progress.add_task("  epoch", total=math.ceil(len(x_train) / optim.batch_size), status="")
     s.stages_started += 1
@@ -193,11 +237,14 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
         lam = lam_at(epoch, s.cfg.recipe.kd) if stage.kind == "kd" else 0.0
         sums, correct = {}, torch.zeros((), device=s.device)
         progress.reset(batch_task)
+        started = time.perf_counter()
         for idx in batches(len(x_train), optim.batch_size, s.device):
             x, y = x_train[idx], y_train[idx]
-            if aug is not None and (aug.pad or aug.flip):
+            if aug.pad or aug.flip:
                 x = augment(x, aug.pad, aug.flip)
-            loss, terms, logits = stage_loss(s, stage, x, y, lam)
+            targets = batch_targets(s, stage, x, cache, idx)
+            with autocast(s):
+                loss, terms, logits = stage_loss(s, stage, x, y, lam, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -208,7 +255,8 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
                 correct += (logits.argmax(1) == y).sum()
             progress.advance(batch_task)
         record = {"epoch": epoch, "lr": lr, **({"lam": lam} if stage.kind == "kd" else {})}
-        record.update({f"train_{k}": v.item() / len(x_train) for k, v in sums.items()})
+        record.update({f"train_{k}": v.item() / len(x_train) for k, v in sums.items()})   # syncs the device
+        record["epoch_s"] = time.perf_counter() - started
         for k, v in record.items():
             if k.startswith("train_") and not math.isfinite(v):
                 raise ConfigError(f"stage {name}, epoch {epoch}: the {k[6:]} loss is {v}; lower the LR "
@@ -216,7 +264,7 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
         if stage.kind != "hint":
             record["train_acc"] = correct.item() / len(x_train)
         if valid is not None:
-            record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid).items()})
+            record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid, valid_cache).items()})
             score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
             if score < best["score"]:
                 best = {"score": score, "epoch": epoch, "state": [copy.deepcopy(l.state_dict()) for l in layers]}
@@ -346,7 +394,7 @@ def train_teacher(cfg: Config, run_dir: Path | None = None) -> dict:
         torch.manual_seed(cfg.seed)
         net = build_net(cfg.teacher.layers, cfg.dataset.in_shape, cfg.dataset.num_classes, optim.init_range,
                         optim.dropout_input, optim.dropout).to(device)
-        return Session(net, None, nn.ModuleDict(), cfg, optim, device, tb)
+        return Session(maybe_compile(net, cfg), None, nn.ModuleDict(), cfg, optim, device, tb)
 
     s, result = fit(cfg, build, [Stage("ce")], data)
     metrics = finish(cfg, s, result, data, "teacher", cfg.teacher.name, started, run_dir)
@@ -368,7 +416,7 @@ def train_student(cfg: Config) -> dict:
         if cfg.teacher.auto_train and not teacher_path(cfg).is_file():
             console.print(f"no teacher at {teacher_path(cfg)}: training it first (teacher.auto_train=true)")
             train_teacher(cfg, run_dir / "teacher")
-        teacher = load_teacher(cfg, device)
+        teacher = maybe_compile(load_teacher(cfg, device), cfg)
     optim = cfg.recipe.student
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     plans = []
@@ -383,7 +431,7 @@ def train_student(cfg: Config) -> dict:
         torch.manual_seed(cfg.seed)
         student = build_net(cfg.student.layers, shape, classes, optim.init_range).to(device)
         regressors = make_regressors(plans, cfg.hints.regressor_init_range, cfg.hints.regressor_max_norm)
-        return Session(student, teacher, regressors.to(device), cfg, optim, device, tb)
+        return Session(maybe_compile(student, cfg), teacher, regressors.to(device), cfg, optim, device, tb)
 
     s, result = fit(cfg, build, make_stages(kinds, plans), data)
     metrics = finish(cfg, s, result, data, "student", cfg.student.name, started, run_dir)

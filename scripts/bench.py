@@ -1,0 +1,178 @@
+"""Training throughput, in one process and one run, as ratios (the machine may be shared and noisy):
+
+  (a) floor        the bare model step (forward, backward, optimiser) on one pre-made batch
+  (b) ours         fitnets' own training loop (train.run_stages, as the CLI runs it) on device-resident data
+  (c) conventional torchvision dataset + DataLoader with per-sample transforms, a full teacher forward and
+                   a `.item()` every step, as the popular KD repositories do
+
+for stage 1 (hints) and stage 2 (KD) of FitNet-4 with the maxout teacher at CIFAR-10 shape, and of the
+MNIST FitNet with the MNIST maxout teacher. Prints images/s, b/a and b/c, and peak memory.
+
+  python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--json bench.json]
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from hydra import compose, initialize_config_module
+from rich.console import Console
+from rich.table import Table
+from torch.utils.tensorboard import SummaryWriter
+
+from fitnets_cli.config import to_config
+from fitnets_cli.hints import make_regressors, plan_hints
+from fitnets_cli.losses import hint_loss, kd_loss
+from fitnets_cli.models import build_net
+from fitnets_cli.train import Session, make_stages, pick_device, run_stages
+
+PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
+    "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
+    "fitnet_mnist/maxout MNIST": (["dataset=mnist", "student=fitnet_mnist"], (1, 28, 28), 50_000),
+}
+
+
+def setup(overrides, device, tb_dir):
+    """The real config, a frozen teacher, the student and its hint plan for one model pair."""
+    with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
+        cfg = to_config(compose("train", overrides=overrides + ["device=" + device.type]))
+    shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
+    teacher = build_net(cfg.teacher.layers, shape, classes, 0.05).to(device).eval().requires_grad_(False)
+    student = build_net(cfg.student.layers, shape, classes, cfg.recipe.student.init_range).to(device)
+    plans = plan_hints(teacher, student, cfg.hints.pairs)
+    regressors = make_regressors(plans, 0.05, 0.9).to(device)
+    s = Session(student, teacher, regressors, cfg, cfg.recipe.student, device, SummaryWriter(tb_dir))
+    return s, plans
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def floor_step(s, stage, x, y, opt):
+    """One bare step: the forward passes the method needs, the loss, backward, optimiser."""
+    with torch.no_grad():
+        target = s.teacher(x, upto=stage.plans[0].hint if stage.kind == "hint" else None)
+    if stage.kind == "hint":
+        plan = stage.plans[0]
+        loss = hint_loss(target, s.regressors[plan.guided](s.student(x, upto=plan.guided)))
+    else:
+        loss = kd_loss(s.student(x), target, y, 3.0, 4.0)[0]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def conventional_loss(s, stage, x, y):
+    """The conventional KD-library step's loss: full teacher and student passes, features by name."""
+    plan = stage.plans[0] if stage.kind == "hint" else None
+    with torch.no_grad():
+        t = s.teacher.taps(x, [None] + ([plan.hint] if plan else []))
+    out = s.student.taps(x, [None] + ([plan.guided] if plan else []))
+    if plan:
+        return hint_loss(t[plan.hint], s.regressors[plan.guided](out[plan.guided]))
+    return kd_loss(out[None], t[None], y, 3.0, 4.0)[0]
+
+
+def conventional_loader(shape, n, batch, augment):
+    """torchvision dataset with per-sample PIL transforms, through a DataLoader."""
+    steps = [T.RandomCrop(shape[1], padding=8), T.RandomHorizontalFlip()] if augment else []
+    ds = torchvision.datasets.FakeData(n, shape, 10, transform=T.Compose(steps + [T.ToTensor()]))
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, drop_last=True)
+
+
+def params_of(s, stage):
+    if stage.kind == "hint":
+        return [p for m in s.student.upto(stage.plans[0].guided) for p in m.parameters()] + list(s.regressors.parameters())
+    return list(s.student.parameters())
+
+
+def bench_stage(s, stage, shape, steps, batch, device, full):
+    """images/s of (a), (b) and (c) for one stage; (b) trains on the first images of `full`."""
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    opt = torch.optim.RMSprop(params_of(s, stage), lr=1e-4, alpha=0.9, eps=1e-5)
+    floor_step(s, stage, x, y, opt)                         # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        floor_step(s, stage, x, y, opt)
+    sync(device)
+    floor = steps * batch / (time.perf_counter() - start)
+
+    n = steps * batch
+    train = (full[:n], torch.randint(0, 10, (n,), device=device))
+    [result] = run_stages(s, [stage], train, None, epochs=[3])
+    ours = n / statistics.median(h["epoch_s"] for h in result["history"][1:])   # first epoch: warm-up
+
+    aug = s.cfg.dataset.augment
+    loader = conventional_loader(shape, n + batch, batch, aug.pad or aug.flip)
+    opt = torch.optim.RMSprop(params_of(s, stage), lr=1e-4, alpha=0.9, eps=1e-5)
+    for i, (xb, yb) in enumerate(loader):
+        if i == 1:                                           # the first batch warms up
+            start = time.perf_counter()
+        xb, yb = xb.to(device), yb.to(device)
+        loss = conventional_loss(s, stage, xb, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+    conventional = steps * batch / (time.perf_counter() - start)
+    return floor, ours, conventional
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+
+
+def main():
+    parser = argparse.ArgumentParser(description="fitnets training throughput: floor vs ours vs conventional")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--tb", default="/tmp/fitnets-bench-tb", help="TensorBoard scratch directory")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    console = Console()
+    results = []
+    for pair, (overrides, shape, train_size) in PAIRS.items():
+        s, plans = setup(overrides, device, args.tb)
+        # A full-size training set on the device, as a real run holds it, so peak memory counts it.
+        full = torch.randn(train_size, *shape, device=device)
+        for stage in make_stages(["hint", "kd"], plans):
+            floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
+            results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
+                            "floor_ips": floor, "ours_ips": ours, "conventional_ips": conventional,
+                            "b_over_a": ours / floor, "b_over_c": ours / conventional})
+            console.print(results[-1])
+        results[-1]["peak_memory_gib"] = results[-2]["peak_memory_gib"] = peak_memory_gib(device)
+        del full
+    table = Table(title=f"training images/s on {device} ({torch.get_num_threads()} threads), batch {args.batch}")
+    for col in ("pair", "stage", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c", "peak GiB"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["pair"], r["stage"], f"{r['floor_ips']:.0f}", f"{r['ours_ips']:.0f}",
+                      f"{r['conventional_ips']:.0f}", f"{r['b_over_a']:.2f}", f"{r['b_over_c']:.2f}",
+                      f"{r['peak_memory_gib']:.2f}")
+    console.print(table)
+    if args.json:
+        meta = {"device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine(),
+                "torch": torch.__version__, "batch": args.batch, "steps": args.steps}
+        with open(args.json, "w") as f:
+            json.dump({**meta, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The fast data path and step: teacher caching, batched augmentation, and the benchmark's baseline."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.transforms as T
+
+from fitnets_cli.data import augment
+from fitnets_cli.train import batch_targets, make_stages, stage_loss, teacher_cache
+
+from test_train import mnist_session, random_split
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+import bench  # noqa: E402
+
+
+def test_cached_teacher_outputs_equal_live_ones(make_config, tmp_path):
+    s, plans = mnist_session(make_config, tmp_path)
+    x, _ = random_split(300, 0)
+    for stage in make_stages(["hint", "kd"], plans):
+        cache = teacher_cache(s, stage, x, "train")
+        assert cache is not None
+        idx = torch.tensor([5, 17, 299, 0])
+        live = batch_targets(s, stage, x[idx], None, idx)
+        cached = batch_targets(s, stage, x[idx], cache, idx)
+        assert live.keys() == cached.keys() and len(live) == 1
+        for k in live:
+            torch.testing.assert_close(cached[k], live[k], rtol=1e-5, atol=1e-6)
+
+
+def test_caching_switches_off_with_augmentation_or_when_asked(make_config, tmp_path):
+    s, plans = mnist_session(make_config, tmp_path, ["dataset.augment.flip=true"])
+    [kd] = make_stages(["kd"], plans)
+    x, _ = random_split(32, 0)
+    assert teacher_cache(s, kd, x, "train") is None          # each step's view differs: never cache
+    assert teacher_cache(s, kd, x, "valid") is not None      # validation images are never augmented
+    s, plans = mnist_session(make_config, tmp_path, ["teacher_cache=false"])
+    assert teacher_cache(s, make_stages(["kd"], plans)[0], x, "train") is None
+    s, plans = mnist_session(make_config, tmp_path, ["teacher_cache_gb=0.000001"])
+    assert teacher_cache(s, make_stages(["kd"], plans)[0], x, "train") is None
+    assert teacher_cache(s, make_stages(["ce"], plans)[0], x, "train") is None   # backprop needs no teacher
+
+
+def test_fast_and_conventional_loops_give_the_same_loss_on_the_same_batch(make_config, tmp_path):
+    s, plans = mnist_session(make_config, tmp_path)
+    x, y = random_split(16, 3)
+    for stage in make_stages(["hint", "kd"], plans):
+        ours, _, _ = stage_loss(s, stage, x, y, 4.0, batch_targets(s, stage, x, None, None))
+        cached = teacher_cache(s, stage, x, "train")
+        ours_cached, _, _ = stage_loss(s, stage, x, y, 4.0, batch_targets(s, stage, x, cached, torch.arange(16)))
+        theirs = bench.conventional_loss(s, stage, x, y)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(ours_cached, theirs, rtol=1e-5, atol=1e-5)
+
+
+def offsets(images, pad):
+    """Crop offsets (dy, dx) and flips read back from images whose channels hold row and column indices."""
+    h, w = images.shape[-2:]
+    c = h // 2
+    flipped = images[:, 1, c, c + 1] < images[:, 1, c, c]
+    dy = images[:, 0, c, c] - 1 - c + pad
+    dx = torch.where(flipped, images[:, 1, c, c] - 1 - (w - 1 - c) + pad, images[:, 1, c, c] - 1 - c + pad)
+    return dy.long(), dx.long(), flipped
+
+
+def test_device_augmentation_matches_torchvision_random_crop_and_flip():
+    h = w = 12
+    pad = 3
+    rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w) + 1
+    cols = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w) + 1
+    image = torch.stack([rows, cols])
+    reference = T.Compose([T.RandomCrop(h, padding=pad), T.RandomHorizontalFlip()])
+    torch.manual_seed(0)
+    theirs = torch.stack([reference(image) for _ in range(4000)])
+    ours = augment(image.expand(4000, 2, h, w), pad, flip=True)
+    for a, b in zip(offsets(ours, pad), offsets(theirs, pad)):
+        pa = torch.bincount(a.long(), minlength=2 * pad + 1).float() / len(a)
+        pb = torch.bincount(b.long(), minlength=2 * pad + 1).float() / len(b)
+        assert len(pa) == len(pb) and (pa - pb).abs().max() < 0.04
