@@ -2,9 +2,12 @@
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fitnets_cli.config import ConfigError, to_config
@@ -28,6 +31,81 @@ Overrides are Hydra's: `fitnets train student=fitnet1 dataset=cifar10 seed=1`, `
 Set FITNETS_DEBUG=1 to see full tracebacks."""
 
 
+def one_line(err: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line messages folded into one line, without the debugging noise."""
+    parts, options = [], []
+    chain = [err]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    for line in "\n".join(str(e) for e in chain).splitlines():
+        line = line.strip()
+        if line.startswith(("reference_type", "object_type", "To append", "Config search path", "provider=",
+                            "Set the environment", "full_key:")) or not line:
+            continue
+        if line.startswith("Available options in"):
+            parts.append(line.rstrip(":") + ":")
+        elif parts and parts[-1].endswith(":") and line.isidentifier():
+            options.append(line)
+        else:
+            parts.append(line)
+    text = " ".join(parts)
+    return text + (" " + ", ".join(options) if options else "")
+
+
+def debugging(args) -> bool:
+    return bool(os.environ.get("FITNETS_DEBUG")) or any(a.startswith("hydra.verbose=") for a in args)
+
+
+def precheck(command: str, args: list[str]) -> list[str]:
+    """Compose the (first) job's config before Hydra runs or creates anything, so that bad input stops with
+    one line and writes nothing, and a finished run or an unwritable output directory is refused.
+    Returns the arguments for Hydra, with the output directory checked here pinned."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return args   # --help, --cfg, --info ...: Hydra's own
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    try:
+        overrides = []
+        for o in OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")]):
+            if o.is_sweep_override():
+                try:
+                    overrides.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+                except Exception:   # glob() sweeps need Hydra's config loader: checked when the jobs run
+                    continue
+            else:
+                overrides.append(o.input_line)
+        with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
+            cfg = compose(COMMANDS[command][0], overrides=overrides, return_hydra_config=True)
+        out = Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        config = to_config(cfg)
+    except Exception as err:
+        if debugging(args):
+            raise
+        errors.print(f"[bold red]error:[/] {one_line(err)}")
+        sys.exit(2)
+    if config.resume:
+        # The run continues in its own directory; Hydra must not write a new .hydra/ over the original.
+        return args + [f"hydra.run.dir={config.resume}", "hydra.output_subdir=null"]
+    if not multirun and (out / "metrics.json").exists():
+        fail(f"{out} holds a finished run, which is never overwritten; pass another hydra.run.dir "
+             f"(or resume={out} to check it)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fitnets-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        fail(f"cannot write the output directory {out} ({err.strerror}); pass hydra.run.dir=DIR "
+             "(hydra.sweep.dir=DIR with -m) somewhere writable")
+    return args + [f"hydra.{'sweep' if multirun else 'run'}.dir={out}"]
+
+
+def fail(message: str) -> None:
+    errors.print(f"[bold red]error:[/] {message}")
+    sys.exit(2)
+
+
 def _task(command: str):
     def task(cfg: DictConfig):
         from fitnets_cli import compare, evaluate, train   # torch loads here, after Hydra parsed the args
@@ -39,8 +117,7 @@ def _task(command: str):
         except (ConfigError, OmegaConfBaseException) as err:
             if os.environ.get("FITNETS_DEBUG"):
                 raise
-            errors.print(f"[bold red]error:[/] {err}".splitlines()[0])
-            sys.exit(2)
+            fail(one_line(err))
 
     return task
 
@@ -57,7 +134,7 @@ def main() -> None:
         print(f"fitnets: unknown command {command!r}; commands are {', '.join(COMMANDS)} (see fitnets --help)",
               file=sys.stderr)
         sys.exit(2)
-    sys.argv = [f"fitnets {command}", *args[1:]]
+    sys.argv = [f"fitnets {command}", *precheck(command, args[1:])]
     app = hydra.main(config_path="pkg://fitnets_cli.conf", config_name=COMMANDS[command][0], version_base="1.3")
     app(_task(command))()
 

@@ -210,6 +210,8 @@ class Config:
     # actual: every parameter of the built network. paper: weights only, FC maxout as 2 pieces (spec 2.8).
     counting: str = "actual"
     checkpoint: Optional[str] = None    # eval: the model to evaluate
+    resume: Optional[str] = None        # train, train-teacher: continue the run in this directory
+    deterministic: bool = False         # torch.use_deterministic_algorithms: bit-identical reruns
     eval_batch_size: int = 1000
     # compare
     students: List[str] = field(default_factory=list)   # student configs; [] with no runs: dataset.students
