@@ -24,18 +24,24 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def write_json(path: Path, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_model(path: Path, net: Net, *, role: str, name: str, dataset: Dataset, config: str, metrics: dict):
-    """Save a teacher or student with everything needed to rebuild and evaluate it."""
+def save_model(path: Path, net: Net, *, role: str, name: str, dataset: Dataset, config: str, metrics: dict,
+               provenance: dict):
+    """Save a teacher or student with everything needed to rebuild and evaluate it, and what made it."""
     payload = {
         "format": FORMAT, "role": role, "name": name,
         "dataset": asdict(dataset), "in_shape": list(net.in_shape), "num_classes": net.num_classes,
         "layers": [asdict(s) for s in net.specs], "state_dict": net.state_dict(),
-        "config": config, "metrics": metrics,
+        "config": config, "metrics": metrics, "provenance": provenance,
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fitnets_cli.config import ConfigError, to_config
-from fitnets_cli.ui import errors
+from fitnets_cli.ui import console, errors
 
 # command -> (primary config in conf/, what it does)
 COMMANDS = {
@@ -114,6 +114,11 @@ def _task(command: str):
                "eval": evaluate.eval_command, "compare": compare.compare_command}[command]
         try:
             return run(to_config(cfg))
+        except train.AlreadyFinished as done:
+            console.print(str(done))
+        except train.Interrupted as stopped:
+            errors.print(f"stopped by {stopped}")
+            sys.exit(128 + train.STOP[0])
         except (ConfigError, OmegaConfBaseException) as err:
             if os.environ.get("FITNETS_DEBUG"):
                 raise

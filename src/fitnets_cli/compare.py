@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.table import Table
 
-from fitnets_cli.checkpoint import atomic_write, load_payload
+from fitnets_cli.checkpoint import load_payload, write_text
 from fitnets_cli.config import ConfigError, Config, Layer, Student
 from fitnets_cli.models import Net, count
 from fitnets_cli.train import pick_device
@@ -258,7 +258,7 @@ def compare_command(cfg: Config) -> list[dict]:
     if cfg.format != "table":
         text = render(rows, columns, cfg.format, note)
         if cfg.out:
-            atomic_write(Path(cfg.out), lambda tmp: tmp.write_text(text))
+            write_text(Path(cfg.out), text)
             console.print(f"wrote {cfg.out}")
         else:
             print(text, end="")

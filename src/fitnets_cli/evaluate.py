@@ -27,4 +27,10 @@ def eval_command(cfg: Config) -> dict:
     table.add_row(payload["name"], payload["role"], payload["dataset"]["name"], dataset.name,
                   f"{metrics['acc']:.2%}", f"{metrics['error']:.2%}", f"{metrics['loss']:.4f}")
     console.print(table)
+    made = payload.get("provenance") or {}
+    if made:
+        versions = ", ".join(f"{k} {v}" for k, v in made["versions"].items())
+        console.print(f"provenance: {versions}; git commit {made['git_commit'] or 'unknown'}; teacher sha256 "
+                      f"{made['teacher_sha256'] or '-'}; split seed {made['split_seed']}; seed {made['seed']}")
+        console.print(f"config:\n{payload['config']}")
     return metrics

@@ -8,9 +8,18 @@ Stage kinds (paper section 2):
 """
 
 import copy
+import hashlib
+import json
 import math
+import os
+import platform
+import signal
+import subprocess
+import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -22,13 +31,16 @@ from rich.table import Table
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from fitnets_cli.checkpoint import atomic_write, load_model, save_model, write_json
+from fitnets_cli.checkpoint import atomic_write, load_model, save_model, write_json, write_text
 from fitnets_cli.config import ConfigError, Config, Optim
 from fitnets_cli.data import Splits, augment, batches, load_data
 from fitnets_cli.hints import HintPlan, make_regressors, plan_hints, plan_table
 from fitnets_cli.losses import hint_loss, kd_loss, lam_at
 from fitnets_cli.models import Net, apply_max_norm, build_net, count
 from fitnets_cli.ui import console
+
+
+RESUME_FORMAT = "fitnets-resume-1"
 
 
 @dataclass
@@ -54,6 +66,7 @@ class Session:
     test: tuple | None = None                   # the test split, scored at each stage's last epoch
     step: int = 0                               # epochs run so far over all stages: the TensorBoard x axis
     stages_started: int = 0
+    checkpoint: object = None                   # checkpoint(at): save progress, `at` a position in a stage
 
 
 def make_stages(kinds: list[str], plans: list[HintPlan]) -> list[Stage]:
@@ -214,31 +227,40 @@ def evaluate_stage(s: Session, stage: Stage, x, y, cache: dict | None = None) ->
 
 # ---------------------------------------------------------------- the loop
 
-def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress, prefix: str = "") -> dict:
-    """Train one stage with early stopping on `valid` (if given); leave the best weights in place."""
+def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress, prefix: str = "",
+              at: dict | None = None) -> dict:
+    """Train one stage with early stopping on `valid` (if given); leave the best weights in place.
+    `at` is a checkpointed position inside this stage to continue from."""
     optim, name = s.optim, prefix + stage.name
     layers = trained_layers(s, stage)
     opt = make_optimizer(layers, list(s.regressors.values()), optim)
-    params = [p for layer in layers for p in layer.parameters()]
     x_train, y_train = train
     aug = optim.augment or s.cfg.dataset.augment
     history, best = [], {"score": math.inf, "epoch": -1, "state": None}
+    first_epoch, first_batch, order, sums, correct = 0, 0, None, {}, torch.zeros((), device=s.device)
+    if at is not None:
+        opt.load_state_dict(at["optimizer"])
+        history, best, first_epoch, first_batch = at["history"], at["best"], at["epoch"], at["batch"]
+        order, sums, correct = at["order"], at["sums"], at["correct"]
     cache = teacher_cache(s, stage, x_train, "train")
     valid_cache = teacher_cache(s, stage, valid[0], "valid") if valid is not None and stage.kind == "hint" else None
     if cache is not None:
         console.print(f"{name}: teacher outputs computed once for the {len(x_train)} training images "
                       "(no augmentation); no teacher pass in the training steps")
-    stage_task = progress.add_task(name, total=max_epochs, status="")
+    stage_task = progress.add_task(name, total=max_epochs, completed=first_epoch, status="")
     batch_task = progress.add_task("  epoch", total=math.ceil(len(x_train) / optim.batch_size), status="")
-    s.stages_started += 1
-    s.tb.add_text("stages", f"stage {name} starts at epoch {s.step}", s.step)
-    for epoch in range(max_epochs):
+    if at is None:
+        s.stages_started += 1
+        s.tb.add_text("stages", f"stage {name} starts at epoch {s.step}", s.step)
+    position = lambda **where: {"optimizer": opt.state_dict(), "history": history, "best": best, **where}
+    for epoch in range(first_epoch, max_epochs):
         lr = set_epoch_hyper(opt, optim, epoch)
         lam = lam_at(epoch, s.cfg.recipe.kd) if stage.kind == "kd" else 0.0
-        sums, correct = {}, torch.zeros((), device=s.device)
-        progress.reset(batch_task)
+        if order is None:
+            order = torch.randperm(len(x_train), device=s.device)
+        progress.reset(batch_task, completed=first_batch)
         started = time.perf_counter()
-        for idx in batches(len(x_train), optim.batch_size, s.device):
+        for b, idx in enumerate(order.split(optim.batch_size)[first_batch:], first_batch):
             x, y = x_train[idx], y_train[idx]
             if aug.pad or aug.flip:
                 x = augment(x, aug.pad, aug.flip)
@@ -254,13 +276,17 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
             if logits is not None:
                 correct += (logits.argmax(1) == y).sum()
             progress.advance(batch_task)
+            if STOP:
+                s.checkpoint(position(epoch=epoch, batch=b + 1, order=order, sums=sums, correct=correct))
+                raise Interrupted(f"stage {name}, epoch {epoch}, batch {b + 1}")
         record = {"epoch": epoch, "lr": lr, **({"lam": lam} if stage.kind == "kd" else {})}
         record.update({f"train_{k}": v.item() / len(x_train) for k, v in sums.items()})   # syncs the device
         record["epoch_s"] = time.perf_counter() - started
         for k, v in record.items():
             if k.startswith("train_") and not math.isfinite(v):
-                raise ConfigError(f"stage {name}, epoch {epoch}: the {k[6:]} loss is {v}; lower the LR "
-                                  "(recipe.student.lr / recipe.teacher.lr) or check the teacher checkpoint")
+                raise ConfigError(f"stage {name}, epoch {epoch}: the {k[6:]} loss is {v}; the last good "
+                                  "checkpoint is kept; lower the LR (recipe.student.lr / recipe.teacher.lr) "
+                                  "or check the teacher checkpoint")
         if stage.kind != "hint":
             record["train_acc"] = correct.item() / len(x_train)
         if valid is not None:
@@ -278,8 +304,11 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
         progress.update(stage_task, advance=1, status=status)
         if not console.is_terminal:
             console.print(f"{name} epoch {epoch}: {status}")
+        order, first_batch, sums, correct = None, 0, {}, torch.zeros((), device=s.device)
         if valid is not None and epoch - best["epoch"] >= optim.patience:
             break
+        if epoch + 1 < max_epochs:
+            s.checkpoint(position(epoch=epoch + 1, batch=0, order=None, sums={}, correct=correct))
     # The last epoch's test score, taken before the best epoch's weights come back.
     test_last = evaluate(s.student, *s.test, s.cfg.eval_batch_size) if s.test and stage.kind != "hint" else None
     if best["state"] is not None:
@@ -296,14 +325,22 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
     return result
 
 
-def run_stages(s: Session, stages: list[Stage], train, valid, epochs=None, prefix="") -> list[dict]:
-    """Run the stages in order; `epochs` fixes each stage's length (retraining without validation)."""
+def run_stages(s: Session, stages: list[Stage], train, valid, epochs=None, prefix="", state: dict | None = None,
+               checkpoint=None) -> list[dict]:
+    """Run the stages in order, from where `state` left off; `epochs` fixes each stage's length
+    (retraining without validation). `checkpoint(stage, results, at)` saves progress."""
+    results = list(state["results"]) if state else []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
                         console=console, disable=not console.is_terminal)
     with progress:
-        return [run_stage(s, stage, train, valid, epochs[i] if epochs else s.optim.max_epochs, progress, prefix)
-                for i, stage in enumerate(stages)]
+        for i in range(len(results), len(stages)):
+            s.checkpoint = lambda at: checkpoint(results, at) if checkpoint else None
+            at = state["at"] if state and i == state["stage"] else None
+            results.append(run_stage(s, stages[i], train, valid, epochs[i] if epochs else s.optim.max_epochs,
+                                     progress, prefix, at))
+            s.checkpoint(None)   # the stage boundary
+    return results
 
 
 # ---------------------------------------------------------------- commands
@@ -329,25 +366,119 @@ def load_teacher(cfg: Config, device) -> Net:
     return teacher
 
 
-def fit(cfg: Config, build, stages: list[Stage], data: Splits) -> tuple[Session, dict]:
+def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, state: dict | None = None):
     """Run the stages with validation; with recipe.retrain_full, rerun them from scratch on train + valid
-    for the epoch counts that validation chose (paper A.1.2)."""
-    s = build()
-    s.test = data.test
-    result = {"stages": run_stages(s, stages, data.train, data.valid)}
-    if cfg.recipe.retrain_full and data.valid is not None:
-        epochs = [max(r["best_epoch"] + 1, 1) for r in result["stages"]]
-        console.print(f"retraining on train + valid for {epochs} epochs")
-        full = tuple(torch.cat(pair) for pair in zip(data.train, data.valid))
-        step = s.step
+    for the epoch counts that validation chose (paper A.1.2). Progress is checkpointed at every epoch (and
+    on SIGINT/SIGTERM after the current step) to <run_dir>/checkpoints/last.pt; `state` resumes from it."""
+    path = run_dir / "checkpoints" / "last.pt"
+    retrain = cfg.recipe.retrain_full and data.valid is not None
+
+    def session(phase_state):
         s = build()
-        s.step, s.test = step, data.test
-        result["retrain"] = run_stages(s, stages, full, None, epochs, prefix="retrain/")
+        s.test = data.test
+        if phase_state:
+            restore(s, phase_state)
+        return s
+
+    def saver(s, phase, first=None):
+        return lambda results, at: save_state(path, s, phase=phase, stage=len(results), results=results,
+                                              first=first, at=at)
+
+    with stop_on_signals(f"fitnets {cfg.command} resume={run_dir}"):
+        phase = state["phase"] if state else 0
+        if phase == 0:
+            s = session(state)
+            result = {"stages": run_stages(s, stages, data.train, data.valid, state=state, checkpoint=saver(s, 0))}
+            state, step = None, s.step
+        else:
+            result, step = {"stages": state["first"]}, state["step"]
+        if retrain:
+            epochs = [max(r["best_epoch"] + 1, 1) for r in result["stages"]]
+            console.print(f"retraining on train + valid for {epochs} epochs")
+            full = tuple(torch.cat(pair) for pair in zip(data.train, data.valid))
+            s = session(state)
+            s.step = step if state is None else s.step
+            result["retrain"] = run_stages(s, stages, full, None, epochs, "retrain/", state,
+                                           saver(s, 1, result["stages"]))
     return s, result
 
 
-def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name: str, started: float, run_dir: Path):
-    """Test the final model, save it, write metrics.json and TensorBoard hparams, print the summary."""
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a step; its checkpoint is written."""
+
+
+STOP = []   # the signals received; checked after every training step
+
+
+@contextmanager
+def stop_on_signals(resume_command: str):
+    """While training, SIGINT and SIGTERM ask the loop to stop after the current step (and checkpoint)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    STOP.clear()
+    previous = {sig: signal.signal(sig, lambda signum, frame: STOP.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except Interrupted as where:
+        raise Interrupted(f"{signal.Signals(STOP[0]).name} at {where}; checkpoint saved. Resume with: "
+                          f"{resume_command}") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def save_state(path: Path, s: Session, **position) -> None:
+    """Everything needed to continue exactly here: weights, optimiser, early stopping, RNG states."""
+    state = {"format": RESUME_FORMAT, "student": s.student.state_dict(), "regressors": s.regressors.state_dict(),
+             "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "step": s.step, "stages_started": s.stages_started, **position}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def restore(s: Session, state: dict) -> None:
+    """Put a freshly built session back where `state` was saved."""
+    s.student.load_state_dict(state["student"])
+    s.regressors.load_state_dict(state["regressors"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    s.step, s.stages_started = state["step"], state["stages_started"]
+
+
+def load_state(run_dir: Path) -> dict | None:
+    """The resumable state of a run directory, or None if it has none."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"the resume checkpoint {path} is corrupted ({str(err).splitlines()[0][:100]}); "
+                          "it cannot be resumed") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise ConfigError(f"{path} is not a fitnets resume checkpoint")
+    return state
+
+
+def provenance(cfg: Config, teacher_file: Path | None = None) -> dict:
+    """What made a model: package versions, the code's git commit, the teacher file's hash, the split seed."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    teacher_sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest() if teacher_file else None
+    return {"versions": {p: version(p) for p in ("fitnets-cli", "torch", "torchvision", "hydra-core", "omegaconf")}
+            | {"python": platform.python_version()},
+            "git_commit": commit, "teacher_sha256": teacher_sha, "split_seed": cfg.data.split_seed, "seed": cfg.seed}
+
+
+def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name: str, started: float,
+           run_dir: Path, made_by: dict):
+    """Test the final model, save it, write metrics.json (last: it marks the run finished) and TensorBoard
+    hparams, and print the summary."""
     net = s.student
     test = evaluate(net, *data.test, cfg.eval_batch_size)
     last_stage = (result.get("retrain") or result["stages"])[-1]
@@ -357,13 +488,11 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
         "teacher": cfg.teacher.name if cfg.teacher else None,
         "schedule": "teacher" if role == "teacher" else cfg.schedule.name, "seed": cfg.seed,
         "counting": cfg.counting, **sizes, "test": test, "test_last": last_stage["test_last"] or test,
-        "device": str(s.device),
+        "device": str(s.device), "provenance": made_by,
         "wall_s": round(time.time() - started, 1), **result,
     }
-    config = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    (run_dir / "config_resolved.yaml").write_text(config)
     save_model(run_dir / "checkpoints" / f"{role}.pt", net, role=role, name=name, dataset=cfg.dataset,
-               config=config, metrics=test)
+               config=(run_dir / "config_resolved.yaml").read_text(), metrics=test, provenance=made_by)
     write_json(run_dir / "metrics.json", metrics)
     s.tb.add_hparams({"model": name, "dataset": cfg.dataset.name, "schedule": metrics["schedule"],
                       "seed": cfg.seed, "lr": s.optim.lr, "batch_size": s.optim.batch_size},
@@ -381,10 +510,42 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
     return metrics
 
 
+class AlreadyFinished(Exception):
+    """resume= named a finished run: nothing to do."""
+
+
+def prepare(cfg: Config, run_dir: Path | None = None) -> tuple[Config, Path, dict | None]:
+    """The run's config, directory and resumable state: with resume=DIR, the saved config and state of DIR."""
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        saved = run_dir / "config_resolved.yaml"
+        if not saved.exists():
+            raise ConfigError(f"resume={run_dir}: no config_resolved.yaml there; is it a fitnets run directory?")
+        resumed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved)))
+        if resumed.command != cfg.command:
+            raise ConfigError(f"{run_dir} is a `fitnets {resumed.command}` run; resume it with "
+                              f"`fitnets {resumed.command} resume={run_dir}`")
+        if (run_dir / "metrics.json").exists():
+            acc = json.loads((run_dir / "metrics.json").read_text())["test"]["acc"]
+            raise AlreadyFinished(f"{run_dir} already finished (test accuracy {acc:.2%}); nothing to resume")
+        cfg = resumed
+        state = load_state(run_dir)
+        console.print(f"resuming {run_dir} " + ("from its start (no checkpoint yet)" if state is None else
+                      f"at stage {state['stage'] + 1} of phase {state['phase']}"))
+    else:
+        run_dir = run_dir or Path(HydraConfig.get().runtime.output_dir)
+        state = load_state(run_dir)   # an auto-trained teacher's run, interrupted with its student's
+        write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    return cfg, run_dir, state
+
+
 def train_teacher(cfg: Config, run_dir: Path | None = None) -> dict:
     """`fitnets train-teacher`: backprop with the paper's teacher recipe, saved to the teacher store."""
     started = time.time()
-    run_dir = run_dir or Path(HydraConfig.get().runtime.output_dir)
+    cfg, run_dir, state = prepare(cfg, run_dir)
     device = pick_device(cfg.device)
     data = load_data(cfg.dataset, cfg.data, device)
     optim = cfg.recipe.teacher
@@ -396,11 +557,12 @@ def train_teacher(cfg: Config, run_dir: Path | None = None) -> dict:
                         optim.dropout_input, optim.dropout).to(device)
         return Session(maybe_compile(net, cfg), None, nn.ModuleDict(), cfg, optim, device, tb)
 
-    s, result = fit(cfg, build, [Stage("ce")], data)
-    metrics = finish(cfg, s, result, data, "teacher", cfg.teacher.name, started, run_dir)
+    s, result = fit(cfg, build, [Stage("ce")], data, run_dir, state)
+    metrics = finish(cfg, s, result, data, "teacher", cfg.teacher.name, started, run_dir, provenance(cfg))
     store = teacher_path(cfg)
     save_model(store, s.student, role="teacher", name=cfg.teacher.name, dataset=cfg.dataset,
-               config=(run_dir / "config_resolved.yaml").read_text(), metrics=metrics["test"])
+               config=(run_dir / "config_resolved.yaml").read_text(), metrics=metrics["test"],
+               provenance=metrics["provenance"])
     console.print(f"teacher stored at {store}")
     return metrics
 
@@ -408,14 +570,15 @@ def train_teacher(cfg: Config, run_dir: Path | None = None) -> dict:
 def train_student(cfg: Config) -> dict:
     """`fitnets train`: the student through the schedule's stages."""
     started = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    cfg, run_dir, state = prepare(cfg)
     device = pick_device(cfg.device)
     kinds = cfg.schedule.stages
-    teacher = None
+    teacher, teacher_file = None, None
     if set(kinds) & {"hint", "kd", "joint"}:
         if cfg.teacher.auto_train and not teacher_path(cfg).is_file():
             console.print(f"no teacher at {teacher_path(cfg)}: training it first (teacher.auto_train=true)")
-            train_teacher(cfg, run_dir / "teacher")
+            train_teacher(replace(cfg, resume=None), run_dir / "teacher")
+        teacher_file = teacher_path(cfg)
         teacher = maybe_compile(load_teacher(cfg, device), cfg)
     optim = cfg.recipe.student
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
@@ -433,10 +596,9 @@ def train_student(cfg: Config) -> dict:
         regressors = make_regressors(plans, cfg.hints.regressor_init_range, cfg.hints.regressor_max_norm)
         return Session(maybe_compile(student, cfg), teacher, regressors.to(device), cfg, optim, device, tb)
 
-    s, result = fit(cfg, build, make_stages(kinds, plans), data)
-    metrics = finish(cfg, s, result, data, "student", cfg.student.name, started, run_dir)
+    s, result = fit(cfg, build, make_stages(kinds, plans), data, run_dir, state)
     for guided, regressor in s.regressors.items():
         # Kept apart from the student (Algorithm 1 drops it), for inspection or reuse.
         atomic_write(run_dir / "checkpoints" / f"regressor-{guided}.pt",
                      lambda tmp: torch.save(regressor.state_dict(), tmp))
-    return metrics
+    return finish(cfg, s, result, data, "student", cfg.student.name, started, run_dir, provenance(cfg, teacher_file))
