@@ -2,8 +2,11 @@
 
   (a) floor        the bare model step (forward, backward, optimiser) on one pre-made batch
   (b) ours         fitnets' own training loop (train.run_stages, as the CLI runs it) on device-resident data
-  (c) conventional torchvision dataset + DataLoader with per-sample transforms, a full teacher forward and
-                   a `.item()` every step, as the popular KD repositories do
+  (c) conventional a dataset that decodes each uint8 image to PIL as torchvision's CIFAR10/MNIST do, a
+                   DataLoader with per-sample transforms, a full teacher forward and a `.item()` every
+                   step, as the popular KD repositories do
+
+Each is warmed up for `steps` steps and timed over the next 2 x `steps`.
 
 for stage 1 (hints) and stage 2 (KD) of FitNet-4 with the maxout teacher at CIFAR-10 shape, and of the
 MNIST FitNet with the MNIST maxout teacher. Prints images/s, b/a and b/c, and peak memory.
@@ -18,10 +21,10 @@ import resource
 import statistics
 import time
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 import torchvision.transforms as T
+from PIL import Image
 from hydra import compose, initialize_config_module
 from rich.console import Console
 from rich.table import Table
@@ -31,7 +34,7 @@ from fitnets_cli.config import to_config
 from fitnets_cli.hints import make_regressors, plan_hints
 from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.models import build_net
-from fitnets_cli.train import Session, make_stages, pick_device, run_stages
+from fitnets_cli.train import Session, evaluate, make_stages, pick_device, run_stages, trained_layers
 
 PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
@@ -82,17 +85,32 @@ def conventional_loss(s, stage, x, y):
     return kd_loss(out[None], t[None], y, 3.0, 4.0)[0]
 
 
+class UInt8Images(torch.utils.data.Dataset):
+    """Images kept as uint8 arrays and turned into PIL images one at a time, as torchvision's CIFAR10 and
+    MNIST datasets do in __getitem__."""
+
+    def __init__(self, n, shape, transform):
+        c, h, w = shape
+        self.images = np.random.default_rng(0).integers(0, 256, (n, h, w, c) if c > 1 else (n, h, w), dtype=np.uint8)
+        self.labels = np.random.default_rng(1).integers(0, 10, n)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
 def conventional_loader(shape, n, batch, augment):
-    """torchvision dataset with per-sample PIL transforms, through a DataLoader."""
+    """The dataset with per-sample PIL transforms, through a DataLoader with 2 workers."""
     steps = [T.RandomCrop(shape[1], padding=8), T.RandomHorizontalFlip()] if augment else []
-    ds = torchvision.datasets.FakeData(n, shape, 10, transform=T.Compose(steps + [T.ToTensor()]))
+    ds = UInt8Images(n, shape, T.Compose(steps + [T.ToTensor()]))
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, drop_last=True)
 
 
 def params_of(s, stage):
-    if stage.kind == "hint":
-        return [p for m in s.student.upto(stage.plans[0].guided) for p in m.parameters()] + list(s.regressors.parameters())
-    return list(s.student.parameters())
+    return [p for layer in trained_layers(s, stage) for p in layer.parameters()]
 
 
 def bench_stage(s, stage, shape, steps, batch, device, full):
@@ -101,24 +119,25 @@ def bench_stage(s, stage, shape, steps, batch, device, full):
     y = torch.randint(0, 10, (batch,), device=device)
 
     opt = torch.optim.RMSprop(params_of(s, stage), lr=1e-4, alpha=0.9, eps=1e-5)
-    floor_step(s, stage, x, y, opt)                         # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(steps):                                  # warm-up
         floor_step(s, stage, x, y, opt)
     sync(device)
-    floor = steps * batch / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(2 * steps):
+        floor_step(s, stage, x, y, opt)
+    sync(device)
+    floor = 2 * steps * batch / (time.perf_counter() - start)
 
     n = steps * batch
     train = (full[:n], torch.randint(0, 10, (n,), device=device))
     [result] = run_stages(s, [stage], train, None, epochs=[3])
-    ours = n / statistics.median(h["epoch_s"] for h in result["history"][1:])   # first epoch: warm-up
+    ours = n / statistics.median(h["epoch_s"] for h in result["history"][1:])   # epoch 1 warms up
 
     aug = s.cfg.dataset.augment
-    loader = conventional_loader(shape, n + batch, batch, aug.pad or aug.flip)
+    loader = conventional_loader(shape, 3 * n, batch, aug.pad or aug.flip)
     opt = torch.optim.RMSprop(params_of(s, stage), lr=1e-4, alpha=0.9, eps=1e-5)
     for i, (xb, yb) in enumerate(loader):
-        if i == 1:                                           # the first batch warms up
+        if i == steps:                                       # the first `steps` batches warm up
             start = time.perf_counter()
         xb, yb = xb.to(device), yb.to(device)
         loss = conventional_loss(s, stage, xb, yb)
@@ -126,7 +145,7 @@ def bench_stage(s, stage, shape, steps, batch, device, full):
         loss.backward()
         opt.step()
         loss.item()
-    conventional = steps * batch / (time.perf_counter() - start)
+    conventional = 2 * steps * batch / (time.perf_counter() - start)
     return floor, ours, conventional
 
 
@@ -149,8 +168,11 @@ def main():
     results = []
     for pair, (overrides, shape, train_size) in PAIRS.items():
         s, plans = setup(overrides, device, args.tb)
-        # A full-size training set on the device, as a real run holds it, so peak memory counts it.
+        # A full-size dataset on the device (train, valid, test), as a real run holds it, so peak memory
+        # counts it; and evaluation at the CLI's batch size, whose activations are the largest.
         full = torch.randn(train_size, *shape, device=device)
+        held_out = torch.randn(2 * 10_000, *shape, device=device)
+        evaluate(s.student, held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device), 1000)
         for stage in make_stages(["hint", "kd"], plans):
             floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
             results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
@@ -158,7 +180,7 @@ def main():
                             "b_over_a": ours / floor, "b_over_c": ours / conventional})
             console.print(results[-1])
         results[-1]["peak_memory_gib"] = results[-2]["peak_memory_gib"] = peak_memory_gib(device)
-        del full
+        del full, held_out
     table = Table(title=f"training images/s on {device} ({torch.get_num_threads()} threads), batch {args.batch}")
     for col in ("pair", "stage", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c", "peak GiB"):
         table.add_column(col)

@@ -47,11 +47,11 @@ def assert_same_run(a, b):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def interrupt_when(setup, tmp_path, condition, sig):
+def interrupt_when(setup, tmp_path, condition, sig, extra=()):
     root, base = setup
     run = tmp_path / "run"
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "fitnets_cli", "train", *base, *RUN, f"hydra.run.dir={run}"],
+    proc = subprocess.Popen([sys.executable, "-m", "fitnets_cli", "train", *base, *RUN, *extra, f"hydra.run.dir={run}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = run / "checkpoints" / "last.pt"
     deadline = time.time() + 300
@@ -99,6 +99,21 @@ def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(s
     assert "already finished" in proc.stdout and (run / "metrics.json").read_bytes() == before
     proc = fitnets("train", *setup[1], *RUN, f"hydra.run.dir={run}", check=False)
     assert proc.returncode == 2 and "never overwritten" in proc.stderr
+    assert (run / "metrics.json").read_bytes() == before
+
+
+def test_a_kill_while_retraining_with_augmentation_resumes_exactly(setup, tmp_path):
+    root, base = setup
+    extra = ["recipe.retrain_full=true", "dataset.augment.flip=true", "dataset.augment.pad=2",
+             "recipe.student.max_epochs=4", "recipe.student.patience=4"]
+    fitnets("train", *base, *RUN, *extra, f"hydra.run.dir={tmp_path / 'reference'}")
+    run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["phase"] == 1 and s["at"] and s["at"]["epoch"] >= 1,
+                                signal.SIGKILL, extra)
+    assert rc == -signal.SIGKILL
+    fitnets("train", f"resume={run}")
+    assert_same_run(tmp_path / "reference", run)
+    assert [r["name"] for r in json.loads((run / "metrics.json").read_text())["retrain"]] == [
+        "retrain/hint:conv4<-conv2", "retrain/kd"]
 
 
 def test_two_deterministic_runs_are_identical_and_the_teacher_resumes_too(setup, tmp_path):

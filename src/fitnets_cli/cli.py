@@ -85,11 +85,15 @@ def precheck(command: str, args: list[str]) -> list[str]:
         errors.print(f"[bold red]error:[/] {one_line(err)}")
         sys.exit(2)
     if config.resume:
+        if not (Path(config.resume) / "config_resolved.yaml").is_file():
+            fail(f"resume={config.resume} is not a fitnets run directory (no config_resolved.yaml); pass the "
+                 "directory of the run to continue")
         # The run continues in its own directory; Hydra must not write a new .hydra/ over the original.
         return args + [f"hydra.run.dir={config.resume}", "hydra.output_subdir=null"]
-    if not multirun and (out / "metrics.json").exists():
-        fail(f"{out} holds a finished run, which is never overwritten; pass another hydra.run.dir "
-             f"(or resume={out} to check it)")
+    for mark, what in (("metrics.json", "a finished run, which is never overwritten"),
+                       ("checkpoints/last.pt", "an interrupted run")):
+        if not multirun and (out / mark).exists():
+            fail(f"{out} holds {what}; pass another hydra.run.dir (or resume={out})")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".fitnets-write-test"
@@ -119,8 +123,10 @@ def _task(command: str):
         except train.Interrupted as stopped:
             errors.print(f"stopped by {stopped}")
             sys.exit(128 + train.STOP[0])
+        except KeyboardInterrupt:
+            fail("interrupted before training started; nothing was trained")
         except (ConfigError, OmegaConfBaseException) as err:
-            if os.environ.get("FITNETS_DEBUG"):
+            if debugging(sys.argv):
                 raise
             fail(one_line(err))
 

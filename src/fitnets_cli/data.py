@@ -159,12 +159,14 @@ def gcn(x, scale: float):
     return (scale * flat / norm).view_as(x)
 
 
-def zca_fit(x, bias: float):
-    """ZCA whitening fit: per-feature mean and P = V diag(1/sqrt(eig)) V^T of cov + bias*I."""
-    flat = x.flatten(1).double()
-    mean = flat.mean(0)
-    centred = flat - mean
-    cov = centred.T @ centred / len(flat) + bias * torch.eye(flat.shape[1], dtype=flat.dtype)
+def zca_fit(x, bias: float, batch: int = 5000):
+    """ZCA whitening fit: per-feature mean and P = V diag(1/sqrt(eig)) V^T of cov + bias*I.
+    Accumulated in float64 over batches, so no float64 copy of the whole dataset is ever held."""
+    flat = x.flatten(1)
+    chunks = lambda: (flat[i:i + batch].double() for i in range(0, len(flat), batch))
+    mean = sum(c.sum(0) for c in chunks()) / len(flat)
+    cov = sum((c - mean).T @ (c - mean) for c in chunks()) / len(flat)
+    cov += bias * torch.eye(flat.shape[1], dtype=cov.dtype)
     eig, vec = torch.linalg.eigh(cov)
     return mean.float(), (vec @ torch.diag(eig.rsqrt()) @ vec.T).float()
 

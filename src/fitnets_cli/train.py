@@ -126,8 +126,13 @@ def teacher_cache(s: Session, stage: Stage, x, split: str) -> dict | None:
     size = len(x) * sum(math.prod(s.teacher.shapes[l] if l else (s.teacher.num_classes,)) for l in layers) * 4
     if size > s.cfg.teacher_cache_gb * 2**30:
         return None
-    parts = [s.teacher.taps(x[idx], layers) for idx in batches(len(x), s.cfg.eval_batch_size, x.device, False)]
-    return {l: torch.cat([p[l] for p in parts]) for l in layers}
+    cache = {}
+    for idx in batches(len(x), s.cfg.eval_batch_size, x.device, False):
+        for layer, out in s.teacher.taps(x[idx], layers).items():
+            if layer not in cache:   # filled in place: no second copy while it is built
+                cache[layer] = torch.empty((len(x), *out.shape[1:]), dtype=out.dtype, device=out.device)
+            cache[layer][idx] = out
+    return cache
 
 
 def stage_loss(s: Session, stage: Stage, x, y, lam: float, targets: dict):
@@ -217,8 +222,8 @@ def evaluate_stage(s: Session, stage: Stage, x, y, cache: dict | None = None) ->
         s.student.eval()
         total = torch.zeros((), device=x.device)
         for idx in batches(len(x), s.cfg.eval_batch_size, x.device, shuffle=False):
-            targets = batch_targets(s, stage, x[idx], cache, idx)
             with autocast(s):
+                targets = batch_targets(s, stage, x[idx], cache, idx)
                 total += stage_loss(s, stage, x[idx], y[idx], 0.0, targets)[0] * len(idx)
         s.student.train()
         return {"hint": total.item() / len(x)}
@@ -241,7 +246,9 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
     if at is not None:
         opt.load_state_dict(at["optimizer"])
         history, best, first_epoch, first_batch = at["history"], at["best"], at["epoch"], at["batch"]
-        order, sums, correct = at["order"], at["sums"], at["correct"]
+        order = None if at["order"] is None else at["order"].to(s.device)
+        sums = {k: v.to(s.device) for k, v in at["sums"].items()}
+        correct = at["correct"].to(s.device)
     cache = teacher_cache(s, stage, x_train, "train")
     valid_cache = teacher_cache(s, stage, valid[0], "valid") if valid is not None and stage.kind == "hint" else None
     if cache is not None:
@@ -264,8 +271,8 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
             x, y = x_train[idx], y_train[idx]
             if aug.pad or aug.flip:
                 x = augment(x, aug.pad, aug.flip)
-            targets = batch_targets(s, stage, x, cache, idx)
             with autocast(s):
+                targets = batch_targets(s, stage, x, cache, idx)
                 loss, terms, logits = stage_loss(s, stage, x, y, lam, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -366,7 +373,8 @@ def load_teacher(cfg: Config, device) -> Net:
     return teacher
 
 
-def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, state: dict | None = None):
+def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, state: dict | None = None,
+        resume_command: str | None = None):
     """Run the stages with validation; with recipe.retrain_full, rerun them from scratch on train + valid
     for the epoch counts that validation chose (paper A.1.2). Progress is checkpointed at every epoch (and
     on SIGINT/SIGTERM after the current step) to <run_dir>/checkpoints/last.pt; `state` resumes from it."""
@@ -384,7 +392,7 @@ def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, st
         return lambda results, at: save_state(path, s, phase=phase, stage=len(results), results=results,
                                               first=first, at=at)
 
-    with stop_on_signals(f"fitnets {cfg.command} resume={run_dir}"):
+    with stop_on_signals(resume_command or f"fitnets {cfg.command} resume={run_dir}"):
         phase = state["phase"] if state else 0
         if phase == 0:
             s = session(state)
@@ -397,7 +405,8 @@ def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, st
             console.print(f"retraining on train + valid for {epochs} epochs")
             full = tuple(torch.cat(pair) for pair in zip(data.train, data.valid))
             s = session(state)
-            s.step = step if state is None else s.step
+            if state is None:
+                s.step = step
             result["retrain"] = run_stages(s, stages, full, None, epochs, "retrain/", state,
                                            saver(s, 1, result["stages"]))
     return s, result
@@ -417,8 +426,11 @@ def stop_on_signals(resume_command: str):
         yield
         return
     STOP.clear()
-    previous = {sig: signal.signal(sig, lambda signum, frame: STOP.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    def on_signal(signum, frame):
+        STOP.append(signum)
+        signal.signal(signum, signal.SIG_DFL)   # a second one stops at once
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except Interrupted as where:
@@ -435,6 +447,7 @@ def save_state(path: Path, s: Session, **position) -> None:
              "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
              "step": s.step, "stages_started": s.stages_started, **position}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+    s.tb.flush()   # the logged epochs survive a SIGKILL along with the checkpoint
 
 
 def restore(s: Session, state: dict) -> None:
@@ -464,11 +477,14 @@ def load_state(run_dir: Path) -> dict | None:
 
 def provenance(cfg: Config, teacher_file: Path | None = None) -> dict:
     """What made a model: package versions, the code's git commit, the teacher file's hash, the split seed."""
+    here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
+        top, commit = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=here, capture_output=True,
+                                     text=True, timeout=10).stdout.split() or (None, None)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        top, commit = None, None
+    if top is None or Path(top) / "src" / "fitnets_cli" != here:
+        commit = None   # installed outside a fitnets checkout: no commit to record
     teacher_sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest() if teacher_file else None
     return {"versions": {p: version(p) for p in ("fitnets-cli", "torch", "torchvision", "hydra-core", "omegaconf")}
             | {"python": platform.python_version()},
@@ -476,7 +492,7 @@ def provenance(cfg: Config, teacher_file: Path | None = None) -> dict:
 
 
 def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name: str, started: float,
-           run_dir: Path, made_by: dict):
+           run_dir: Path, made_by: dict, store: Path | None = None):
     """Test the final model, save it, write metrics.json (last: it marks the run finished) and TensorBoard
     hparams, and print the summary."""
     net = s.student
@@ -491,8 +507,11 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
         "device": str(s.device), "provenance": made_by,
         "wall_s": round(time.time() - started, 1), **result,
     }
-    save_model(run_dir / "checkpoints" / f"{role}.pt", net, role=role, name=name, dataset=cfg.dataset,
-               config=(run_dir / "config_resolved.yaml").read_text(), metrics=test, provenance=made_by)
+    for path in [run_dir / "checkpoints" / f"{role}.pt"] + ([store] if store else []):
+        save_model(path, net, role=role, name=name, dataset=cfg.dataset,
+                   config=(run_dir / "config_resolved.yaml").read_text(), metrics=test, provenance=made_by)
+    if store:
+        console.print(f"teacher stored at {store}")
     write_json(run_dir / "metrics.json", metrics)
     s.tb.add_hparams({"model": name, "dataset": cfg.dataset.name, "schedule": metrics["schedule"],
                       "seed": cfg.seed, "lr": s.optim.lr, "batch_size": s.optim.batch_size},
@@ -515,7 +534,8 @@ class AlreadyFinished(Exception):
 
 
 def prepare(cfg: Config, run_dir: Path | None = None) -> tuple[Config, Path, dict | None]:
-    """The run's config, directory and resumable state: with resume=DIR, the saved config and state of DIR."""
+    """The run's config, directory and resumable state: with resume=DIR, the saved config and state of DIR.
+    A `run_dir` passed in is an auto-trained teacher's, which continues where its student's run stopped."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / "config_resolved.yaml"
@@ -532,9 +552,16 @@ def prepare(cfg: Config, run_dir: Path | None = None) -> tuple[Config, Path, dic
         state = load_state(run_dir)
         console.print(f"resuming {run_dir} " + ("from its start (no checkpoint yet)" if state is None else
                       f"at stage {state['stage'] + 1} of phase {state['phase']}"))
+    elif run_dir is not None:
+        state = load_state(run_dir)
+        write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     else:
-        run_dir = run_dir or Path(HydraConfig.get().runtime.output_dir)
-        state = load_state(run_dir)   # an auto-trained teacher's run, interrupted with its student's
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        for mark, what in (("metrics.json", "a finished run"), ("checkpoints/last.pt", "an interrupted run")):
+            if (run_dir / mark).exists():   # e.g. a reused sweep directory: never train over another run
+                raise ConfigError(f"{run_dir} holds {what}; resume it with `fitnets {cfg.command} "
+                                  f"resume={run_dir}` or choose another hydra.run.dir / hydra.sweep.dir")
+        state = None
         write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -542,8 +569,9 @@ def prepare(cfg: Config, run_dir: Path | None = None) -> tuple[Config, Path, dic
     return cfg, run_dir, state
 
 
-def train_teacher(cfg: Config, run_dir: Path | None = None) -> dict:
-    """`fitnets train-teacher`: backprop with the paper's teacher recipe, saved to the teacher store."""
+def train_teacher(cfg: Config, run_dir: Path | None = None, resume_command: str | None = None) -> dict:
+    """`fitnets train-teacher`: backprop with the paper's teacher recipe, saved to the teacher store.
+    (Also called by `train` with teacher.auto_train, in the student's run directory.)"""
     started = time.time()
     cfg, run_dir, state = prepare(cfg, run_dir)
     device = pick_device(cfg.device)
@@ -557,14 +585,9 @@ def train_teacher(cfg: Config, run_dir: Path | None = None) -> dict:
                         optim.dropout_input, optim.dropout).to(device)
         return Session(maybe_compile(net, cfg), None, nn.ModuleDict(), cfg, optim, device, tb)
 
-    s, result = fit(cfg, build, [Stage("ce")], data, run_dir, state)
-    metrics = finish(cfg, s, result, data, "teacher", cfg.teacher.name, started, run_dir, provenance(cfg))
-    store = teacher_path(cfg)
-    save_model(store, s.student, role="teacher", name=cfg.teacher.name, dataset=cfg.dataset,
-               config=(run_dir / "config_resolved.yaml").read_text(), metrics=metrics["test"],
-               provenance=metrics["provenance"])
-    console.print(f"teacher stored at {store}")
-    return metrics
+    s, result = fit(cfg, build, [Stage("ce")], data, run_dir, state, resume_command)
+    return finish(cfg, s, result, data, "teacher", cfg.teacher.name, started, run_dir, provenance(cfg),
+                  store=teacher_path(cfg))
 
 
 def train_student(cfg: Config) -> dict:
@@ -577,7 +600,7 @@ def train_student(cfg: Config) -> dict:
     if set(kinds) & {"hint", "kd", "joint"}:
         if cfg.teacher.auto_train and not teacher_path(cfg).is_file():
             console.print(f"no teacher at {teacher_path(cfg)}: training it first (teacher.auto_train=true)")
-            train_teacher(replace(cfg, resume=None), run_dir / "teacher")
+            train_teacher(replace(cfg, resume=None), run_dir / "teacher", f"fitnets train resume={run_dir}")
         teacher_file = teacher_path(cfg)
         teacher = maybe_compile(load_teacher(cfg, device), cfg)
     optim = cfg.recipe.student
