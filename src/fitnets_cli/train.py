@@ -529,6 +529,11 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
     return metrics
 
 
+def tensorboard(run_dir: Path, state: dict | None) -> SummaryWriter:
+    """The run's TensorBoard writer; on resume, points logged after the checkpoint are dropped."""
+    return SummaryWriter(run_dir / "tb", purge_step=state["step"] if state else None)
+
+
 class AlreadyFinished(Exception):
     """resume= named a finished run: nothing to do."""
 
@@ -577,7 +582,7 @@ def train_teacher(cfg: Config, run_dir: Path | None = None, resume_command: str 
     device = pick_device(cfg.device)
     data = load_data(cfg.dataset, cfg.data, device)
     optim = cfg.recipe.teacher
-    tb = SummaryWriter(run_dir / "tb")
+    tb = tensorboard(run_dir, state)
 
     def build():
         torch.manual_seed(cfg.seed)
@@ -610,7 +615,7 @@ def train_student(cfg: Config) -> dict:
         plans = plan_hints(teacher, Net(cfg.student.layers, shape, classes), cfg.hints.pairs)
         console.print(plan_table(plans))
     data = load_data(cfg.dataset, cfg.data, device)
-    tb = SummaryWriter(run_dir / "tb")
+    tb = tensorboard(run_dir, state)
 
     def build():
         # Seeded here, so every schedule with the same seed starts from the same student.
