@@ -2,7 +2,6 @@ from importlib import resources
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fitnets_cli.config import ConfigError
 from fitnets_cli.hints import plan_hints

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.config import ConfigError, HintPair

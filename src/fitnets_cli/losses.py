@@ -1,6 +1,5 @@
 """The paper's losses as plain functions."""
 
-import torch
 import torch.nn.functional as F
 
 
