@@ -1,7 +1,7 @@
 """Write the MNIST subset shipped with the package (src/fitnets_cli/assets/mnist_subset.npz).
 
 A stratified, seeded draw from the official MNIST files: 500 training and 100 test images per class.
-Usage: python scripts/make_mnist_subset.py [--root ../shared/data] [--out src/fitnets_cli/assets/mnist_subset.npz]
+Usage: python scripts/make_mnist_subset.py [--root DATA] [--out src/fitnets_cli/assets/mnist_subset.npz]
 """
 
 import argparse
@@ -22,7 +22,7 @@ def draw(ds, per_class: int, seed: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw")
+    parser.add_argument("--root", default="data", help="folder holding MNIST/raw (the official IDX files)")
     parser.add_argument("--out", default="src/fitnets_cli/assets/mnist_subset.npz")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
