@@ -90,10 +90,9 @@ def precheck(command: str, args: list[str]) -> list[str]:
                  "directory of the run to continue")
         # The run continues in its own directory; Hydra must not write a new .hydra/ over the original.
         return args + [f"hydra.run.dir={config.resume}", "hydra.output_subdir=null"]
-    for mark, what in (("metrics.json", "a finished run, which is never overwritten"),
-                       ("checkpoints/last.pt", "an interrupted run")):
-        if not multirun and (out / mark).exists():
-            fail(f"{out} holds {what}; pass another hydra.run.dir (or resume={out})")
+    from fitnets_cli.train import holds   # torch loads here, only once the arguments are known to be good
+    if not multirun and holds(out):
+        fail(f"{out} holds {holds(out)}; pass another hydra.run.dir (or resume={out})")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".fitnets-write-test"

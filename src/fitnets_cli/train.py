@@ -335,14 +335,14 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
 def run_stages(s: Session, stages: list[Stage], train, valid, epochs=None, prefix="", state: dict | None = None,
                checkpoint=None) -> list[dict]:
     """Run the stages in order, from where `state` left off; `epochs` fixes each stage's length
-    (retraining without validation). `checkpoint(stage, results, at)` saves progress."""
+    (retraining without validation). `checkpoint(results, at)` saves progress."""
     results = list(state["results"]) if state else []
+    s.checkpoint = lambda at: checkpoint(results, at) if checkpoint else None
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
                         console=console, disable=not console.is_terminal)
     with progress:
         for i in range(len(results), len(stages)):
-            s.checkpoint = lambda at: checkpoint(results, at) if checkpoint else None
             at = state["at"] if state and i == state["stage"] else None
             results.append(run_stage(s, stages[i], train, valid, epochs[i] if epochs else s.optim.max_epochs,
                                      progress, prefix, at))
@@ -399,7 +399,7 @@ def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, st
             result = {"stages": run_stages(s, stages, data.train, data.valid, state=state, checkpoint=saver(s, 0))}
             state, step = None, s.step
         else:
-            result, step = {"stages": state["first"]}, state["step"]
+            result, step = {"stages": state["first"]}, None   # the saved state restores the step
         if retrain:
             epochs = [max(r["best_epoch"] + 1, 1) for r in result["stages"]]
             console.print(f"retraining on train + valid for {epochs} epochs")
@@ -529,6 +529,15 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
     return metrics
 
 
+def holds(run_dir: Path) -> str | None:
+    """What an output directory already holds that must not be trained over, if anything."""
+    if (run_dir / "metrics.json").exists():
+        return "a finished run, which is never overwritten"
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return "an interrupted run"
+    return None
+
+
 def tensorboard(run_dir: Path, state: dict | None) -> SummaryWriter:
     """The run's TensorBoard writer; on resume, points logged after the checkpoint are dropped."""
     return SummaryWriter(run_dir / "tb", purge_step=state["step"] if state else None)
@@ -562,10 +571,9 @@ def prepare(cfg: Config, run_dir: Path | None = None) -> tuple[Config, Path, dic
         write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     else:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        for mark, what in (("metrics.json", "a finished run"), ("checkpoints/last.pt", "an interrupted run")):
-            if (run_dir / mark).exists():   # e.g. a reused sweep directory: never train over another run
-                raise ConfigError(f"{run_dir} holds {what}; resume it with `fitnets {cfg.command} "
-                                  f"resume={run_dir}` or choose another hydra.run.dir / hydra.sweep.dir")
+        if holds(run_dir):   # e.g. a reused sweep directory: never train over another run
+            raise ConfigError(f"{run_dir} holds {holds(run_dir)}; resume it with `fitnets {cfg.command} "
+                              f"resume={run_dir}` or choose another hydra.run.dir / hydra.sweep.dir")
         state = None
         write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if cfg.deterministic:
