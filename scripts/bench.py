@@ -11,7 +11,9 @@ Each is warmed up for `steps` steps and timed over the next 2 x `steps`.
 for stage 1 (hints) and stage 2 (KD) of FitNet-4 with the maxout teacher at CIFAR-10 shape, and of the
 MNIST FitNet with the MNIST maxout teacher. Prints images/s, b/a and b/c, and peak memory.
 
-  python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--json bench.json]
+  python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--amp on|off] [--compile] [--json bench.json]
+
+--amp and --compile set the CLI's `amp` and `compile` options; the floor step runs under the same autocast.
 """
 
 import argparse
@@ -34,7 +36,8 @@ from fitnets_cli.config import to_config
 from fitnets_cli.hints import make_regressors, plan_hints
 from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.models import build_net
-from fitnets_cli.train import Session, evaluate, make_stages, pick_device, run_stages, trained_layers
+from fitnets_cli.train import (Session, autocast, evaluate, make_stages, maybe_compile, pick_device, run_stages,
+                               trained_layers)
 
 PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
@@ -45,12 +48,13 @@ PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10
 def setup(overrides, device, tb_dir):
     """The real config, a frozen teacher, the student and its hint plan for one model pair."""
     with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
-        cfg = to_config(compose("train", overrides=overrides + ["device=" + device.type]))
+        cfg = to_config(compose("train", overrides=overrides))
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     teacher = build_net(cfg.teacher.layers, shape, classes, 0.05).to(device).eval().requires_grad_(False)
     student = build_net(cfg.student.layers, shape, classes, cfg.recipe.student.init_range).to(device)
     plans = plan_hints(teacher, student, cfg.hints.pairs)
     regressors = make_regressors(plans, 0.05, 0.9).to(device)
+    teacher, student = maybe_compile(teacher, cfg), maybe_compile(student, cfg)
     s = Session(student, teacher, regressors, cfg, cfg.recipe.student, device, SummaryWriter(tb_dir))
     return s, plans
 
@@ -62,13 +66,14 @@ def sync(device):
 
 def floor_step(s, stage, x, y, opt):
     """One bare step: the forward passes the method needs, the loss, backward, optimiser."""
-    with torch.no_grad():
-        target = s.teacher(x, upto=stage.plans[0].hint if stage.kind == "hint" else None)
-    if stage.kind == "hint":
-        plan = stage.plans[0]
-        loss = hint_loss(target, s.regressors[plan.guided](s.student(x, upto=plan.guided)))
-    else:
-        loss = kd_loss(s.student(x), target, y, 3.0, 4.0)[0]
+    with autocast(s):
+        with torch.no_grad():
+            target = s.teacher(x, upto=stage.plans[0].hint if stage.kind == "hint" else None)
+        if stage.kind == "hint":
+            plan = stage.plans[0]
+            loss = hint_loss(target, s.regressors[plan.guided](s.student(x, upto=plan.guided)))
+        else:
+            loss = kd_loss(s.student(x), target, y, 3.0, 4.0)[0]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -140,7 +145,8 @@ def bench_stage(s, stage, shape, steps, batch, device, full):
         if i == steps:                                       # the first `steps` batches warm up
             start = time.perf_counter()
         xb, yb = xb.to(device), yb.to(device)
-        loss = conventional_loss(s, stage, xb, yb)
+        with autocast(s):
+            loss = conventional_loss(s, stage, xb, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -160,14 +166,20 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", choices=["on", "off"], default="on", help="bf16 autocast on CUDA (the CLI's amp)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each layer (the CLI's compile)")
+    parser.add_argument("--only", help="run only the pairs whose name contains this")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tb", default="/tmp/fitnets-bench-tb", help="TensorBoard scratch directory")
     args = parser.parse_args()
     device = pick_device(args.device)
     console = Console()
     results = []
+    options = [f"device={device.type}", f"amp={args.amp == 'on'}", f"compile={args.compile}"]
     for pair, (overrides, shape, train_size) in PAIRS.items():
-        s, plans = setup(overrides, device, args.tb)
+        if args.only and args.only not in pair:
+            continue
+        s, plans = setup(overrides + options, device, args.tb)
         # A full-size dataset on the device (train, valid, test), as a real run holds it, so peak memory
         # counts it; and evaluation at the CLI's batch size, whose activations are the largest.
         full = torch.randn(train_size, *shape, device=device)
@@ -181,7 +193,8 @@ def main():
             console.print(results[-1])
         results[-1]["peak_memory_gib"] = results[-2]["peak_memory_gib"] = peak_memory_gib(device)
         del full, held_out
-    table = Table(title=f"training images/s on {device} ({torch.get_num_threads()} threads), batch {args.batch}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    table = Table(title=f"training images/s on {name}, batch {args.batch}, amp {args.amp}, compile {args.compile}")
     for col in ("pair", "stage", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c", "peak GiB"):
         table.add_column(col)
     for r in results:
@@ -190,8 +203,8 @@ def main():
                       f"{r['peak_memory_gib']:.2f}")
     console.print(table)
     if args.json:
-        meta = {"device": str(device), "threads": torch.get_num_threads(), "machine": platform.machine(),
-                "torch": torch.__version__, "batch": args.batch, "steps": args.steps}
+        meta = {"device": name, "machine": platform.machine(), "torch": torch.__version__, "batch": args.batch,
+                "steps": args.steps, "amp": args.amp, "compile": args.compile}
         with open(args.json, "w") as f:
             json.dump({**meta, "results": results}, f, indent=2)
 

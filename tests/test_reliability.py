@@ -202,3 +202,20 @@ def test_eval_prints_the_provenance(setup):
     assert f"torch {version('torch')}" in proc.stdout
     assert hashlib.sha256(teacher_file.read_bytes()).hexdigest() in proc.stdout
     assert "split seed 0" in proc.stdout and "student:" in proc.stdout
+
+
+def test_provenance_of_a_source_tree_that_was_never_installed(monkeypatch, make_config):
+    # Runs started with PYTHONPATH=src have no fitnets-cli metadata; they must still finish.
+    from importlib.metadata import PackageNotFoundError
+
+    from fitnets_cli import train
+
+    def fake_version(package):
+        if package == "fitnets-cli":
+            raise PackageNotFoundError(package)
+        return version(package)
+
+    monkeypatch.setattr(train, "version", fake_version)
+    made = train.provenance(make_config("train", ["dataset=mnist_subset", "student=fitnet_mnist"]))
+    assert made["versions"]["fitnets-cli"] is None
+    assert made["versions"]["torch"] == version("torch")

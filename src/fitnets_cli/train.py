@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -486,9 +486,18 @@ def provenance(cfg: Config, teacher_file: Path | None = None) -> dict:
     if top is None or Path(top) / "src" / "fitnets_cli" != here:
         commit = None   # installed outside a fitnets checkout: no commit to record
     teacher_sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest() if teacher_file else None
-    return {"versions": {p: version(p) for p in ("fitnets-cli", "torch", "torchvision", "hydra-core", "omegaconf")}
+    packages = ("fitnets-cli", "torch", "torchvision", "hydra-core", "omegaconf")
+    return {"versions": {p: installed_version(p) for p in packages}
             | {"python": platform.python_version()},
             "git_commit": commit, "teacher_sha256": teacher_sha, "split_seed": cfg.data.split_seed, "seed": cfg.seed}
+
+
+def installed_version(package: str) -> str | None:
+    """The package's installed version; None when it runs from a source tree that was never installed."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name: str, started: float,
