@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from fitnets_cli import dist
 from fitnets_cli.config import ConfigError, Dataset, Layer
 from fitnets_cli.models import Net
 
@@ -17,7 +18,10 @@ FORMAT = "fitnets-checkpoint-1"
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a fresh temporary file beside `path`, flush it to disk, rename it over `path`."""
+    """Call write(tmp_path) on a fresh temporary file beside `path`, flush it to disk, rename it over `path`.
+    Under torchrun only rank 0 writes: every output of fitnets goes through here."""
+    if not dist.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

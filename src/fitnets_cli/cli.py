@@ -1,6 +1,7 @@
 """The `fitnets` entry point: `fitnets COMMAND [hydra overrides...]`."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -82,7 +83,9 @@ def precheck(command: str, args: list[str]) -> list[str]:
     except Exception as err:
         if debugging(args):
             raise
-        errors.print(f"[bold red]error:[/] {one_line(err)}")
+        hint = ("; Hydra's launcher plugins come with `pip install 'fitnets-cli[cluster]'`"
+                if "hydra/launcher" in one_line(err) else "")
+        errors.print(f"[bold red]error:[/] {one_line(err)}{hint}")
         sys.exit(2)
     if config.resume:
         if not (Path(config.resume) / "config_resolved.yaml").is_file():
@@ -104,32 +107,60 @@ def precheck(command: str, args: list[str]) -> list[str]:
     return args + [f"hydra.{'sweep' if multirun else 'run'}.dir={out}"]
 
 
+def distributed(command: str, args: list[str]) -> list[str]:
+    """Under torchrun: join the process group; rank 0 checks the arguments and picks the run directory, and
+    every rank gets the same ones, so all ranks share one run directory (Hydra would otherwise resolve
+    ${now:...} in each process) and only rank 0 lets Hydra write its .hydra/ files."""
+    from fitnets_cli import dist   # torch loads here: torchrun runs training
+
+    if not dist.is_main():
+        console.quiet = errors.quiet = True
+    if any(a in ("-m", "--multirun") for a in args):
+        fail("-m (multirun) cannot run under torchrun, whose processes train one run together; launch one "
+             "torchrun per run, or sweep with hydra/launcher=joblib or submitit_slurm (see README, Scaling out)")
+    if command == "compare":
+        fail("compare runs in one process; start it with `fitnets compare ...`, not torchrun")
+    dist.init()
+    checked = None
+    if dist.is_main():
+        try:
+            checked = precheck(command, args)
+        except SystemExit as stop:
+            dist.share(stop.code)
+            raise
+    checked = dist.share(checked)
+    if not isinstance(checked, list):   # rank 0 stopped on bad input and said why
+        sys.exit(checked)
+    if not dist.is_main() and "hydra.output_subdir=null" not in checked:
+        checked = checked + ["hydra.output_subdir=null"]
+    return checked
+
+
 def fail(message: str) -> None:
     errors.print(f"[bold red]error:[/] {message}")
     sys.exit(2)
 
 
-def _task(command: str):
-    def task(cfg: DictConfig):
-        from fitnets_cli import compare, evaluate, train   # torch loads here, after Hydra parsed the args
+def task(cfg: DictConfig):
+    """One Hydra job: run the command its config names. (Module-level, so that launchers that run jobs in
+    other processes, such as joblib, can pickle it.)"""
+    from fitnets_cli import compare, evaluate, train   # torch loads here, after Hydra parsed the args
 
-        run = {"train-teacher": train.train_teacher, "train": train.train_student,
-               "eval": evaluate.eval_command, "compare": compare.compare_command}[command]
-        try:
-            return run(to_config(cfg))
-        except train.AlreadyFinished as done:
-            console.print(str(done))
-        except train.Interrupted as stopped:
-            errors.print(f"stopped by {stopped}")
-            sys.exit(128 + train.STOP[0])
-        except KeyboardInterrupt:
-            fail("interrupted before training started; nothing was trained")
-        except (ConfigError, OmegaConfBaseException) as err:
-            if debugging(sys.argv):
-                raise
-            fail(one_line(err))
-
-    return task
+    run = {"train-teacher": train.train_teacher, "train": train.train_student,
+           "eval": evaluate.eval_command, "compare": compare.compare_command}[cfg.command]
+    try:
+        return run(to_config(cfg))
+    except train.AlreadyFinished as done:
+        console.print(str(done))
+    except train.Interrupted as stopped:
+        errors.print(f"stopped by {stopped}")
+        sys.exit(128 + (train.STOP or [signal.SIGTERM])[0])   # empty: another torchrun rank was signalled
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was trained")
+    except (ConfigError, OmegaConfBaseException) as err:
+        if debugging(sys.argv):
+            raise
+        fail(one_line(err))
 
 
 def main() -> None:
@@ -144,9 +175,10 @@ def main() -> None:
         print(f"fitnets: unknown command {command!r}; commands are {', '.join(COMMANDS)} (see fitnets --help)",
               file=sys.stderr)
         sys.exit(2)
-    sys.argv = [f"fitnets {command}", *precheck(command, args[1:])]
+    args = args[1:] if os.environ.get("WORLD_SIZE", "1") == "1" else distributed(command, args[1:])
+    sys.argv = [f"fitnets {command}", *args]
     app = hydra.main(config_path="pkg://fitnets_cli.conf", config_name=COMMANDS[command][0], version_base="1.3")
-    app(_task(command))()
+    app(task)()
 
 
 if __name__ == "__main__":

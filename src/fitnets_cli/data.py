@@ -2,7 +2,6 @@
 disk), a seeded stratified validation split, and batched augmentation."""
 
 import io
-import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from fitnets_cli.checkpoint import atomic_write
 from fitnets_cli.config import ConfigError
 from fitnets_cli.ui import console
 
@@ -141,10 +141,7 @@ def _preprocess(raw: dict, dataset, data) -> dict:
     else:
         images = {s: lecun_lcn(x) for s, x in images.items()}
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(images, tmp)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda tmp: torch.save(images, tmp))
     except OSError as err:
         console.print(f"could not cache the preprocessed data at {cache} ({err.strerror}); "
                       "set data.cache=DIR to a writable folder to skip this work next time")

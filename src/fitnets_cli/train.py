@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from fitnets_cli import dist
 from fitnets_cli.checkpoint import atomic_write, load_model, save_model, write_json, write_text
 from fitnets_cli.config import ConfigError, Config, Optim
 from fitnets_cli.data import Splits, augment, batches, load_data
@@ -95,12 +97,22 @@ def maybe_compile(net: Net, cfg: Config) -> Net:
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """auto: CUDA when available, else CPU. `cuda` picks this process's GPU (see gpu_index)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
-    return torch.device(name)
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        job = HydraConfig.get().job.num if HydraConfig.initialized() and \
+            HydraConfig.get().mode == RunMode.MULTIRUN else None
+        return torch.device("cuda", gpu_index(torch.cuda.device_count(), job))
+    return torch.device("cpu" if name == "auto" else name)
+
+
+def gpu_index(gpus: int, job: int | None) -> int:
+    """The GPU of this process: its torchrun local rank; in a multirun, its job number modulo the GPUs,
+    so the jobs of a parallel launcher (hydra/launcher=joblib) spread over them; else the first."""
+    if dist.launched():
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    return job % gpus if job is not None else 0
 
 
 # ---------------------------------------------------------------- one step's loss, per stage kind
@@ -207,10 +219,12 @@ def evaluate(net: Net, x, y, batch_size: int = 1000) -> dict:
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device)
     for idx in batches(len(x), batch_size, x.device, shuffle=False):
+        idx = dist.shard(idx)
         logits = net(x[idx])
         loss += F.cross_entropy(logits, y[idx], reduction="sum")
         correct += (logits.argmax(1) == y[idx]).sum()
     net.train(was_training)
+    loss, correct = dist.sum_(loss), dist.sum_(correct)
     acc = correct.item() / len(x)
     return {"loss": loss.item() / len(x), "acc": acc, "error": 1 - acc}
 
@@ -222,11 +236,12 @@ def evaluate_stage(s: Session, stage: Stage, x, y, cache: dict | None = None) ->
         s.student.eval()
         total = torch.zeros((), device=x.device)
         for idx in batches(len(x), s.cfg.eval_batch_size, x.device, shuffle=False):
+            idx = dist.shard(idx)
             with autocast(s):
                 targets = batch_targets(s, stage, x[idx], cache, idx)
                 total += stage_loss(s, stage, x[idx], y[idx], 0.0, targets)[0] * len(idx)
         s.student.train()
-        return {"hint": total.item() / len(x)}
+        return {"hint": dist.sum_(total).item() / len(x)}
     return evaluate(s.student, x, y, s.cfg.eval_batch_size)
 
 
@@ -238,6 +253,7 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
     `at` is a checkpointed position inside this stage to continue from."""
     optim, name = s.optim, prefix + stage.name
     layers = trained_layers(s, stage)
+    params = [p for layer in layers for p in layer.parameters()]
     opt = make_optimizer(layers, list(s.regressors.values()), optim)
     x_train, y_train = train
     aug = optim.augment or s.cfg.dataset.augment
@@ -247,8 +263,10 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
         opt.load_state_dict(at["optimizer"])
         history, best, first_epoch, first_batch = at["history"], at["best"], at["epoch"], at["batch"]
         order = None if at["order"] is None else at["order"].to(s.device)
-        sums = {k: v.to(s.device) for k, v in at["sums"].items()}
-        correct = at["correct"].to(s.device)
+        # The saved sums are over all ranks (see the stop below): rank 0 carries them on, the others restart.
+        keep = dist.is_main()
+        sums = {k: v.to(s.device) * keep for k, v in at["sums"].items()}
+        correct = at["correct"].to(s.device) * keep
     cache = teacher_cache(s, stage, x_train, "train")
     valid_cache = teacher_cache(s, stage, valid[0], "valid") if valid is not None and stage.kind == "hint" else None
     if cache is not None:
@@ -264,10 +282,13 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
         lr = set_epoch_hyper(opt, optim, epoch)
         lam = lam_at(epoch, s.cfg.recipe.kd) if stage.kind == "kd" else 0.0
         if order is None:
-            order = torch.randperm(len(x_train), device=s.device)
+            order = dist.same_order(torch.randperm(len(x_train), device=s.device))
         progress.reset(batch_task, completed=first_batch)
         started = time.perf_counter()
-        for b, idx in enumerate(order.split(optim.batch_size)[first_batch:], first_batch):
+        for b, batch in enumerate(order.split(optim.batch_size)[first_batch:], first_batch):
+            if len(batch) < dist.world():   # a last batch too small to give every rank an image
+                continue
+            idx = dist.shard(batch)   # this rank's share of the global batch
             x, y = x_train[idx], y_train[idx]
             if aug.pad or aug.flip:
                 x = augment(x, aug.pad, aug.flip)
@@ -276,6 +297,7 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
                 loss, terms, logits = stage_loss(s, stage, x, y, lam, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.reduce_gradients(params, len(idx) / len(batch))
             opt.step()
             apply_max_norm(layers)
             for k, v in terms.items():   # summed on the device: one host sync per epoch, not per step
@@ -283,11 +305,12 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
             if logits is not None:
                 correct += (logits.argmax(1) == y).sum()
             progress.advance(batch_task)
-            if STOP:
-                s.checkpoint(position(epoch=epoch, batch=b + 1, order=order, sums=sums, correct=correct))
+            if dist.anyone(bool(STOP)):   # every rank stops after the same step
+                s.checkpoint(position(epoch=epoch, batch=b + 1, order=order, correct=dist.sum_(correct),
+                                      sums={k: dist.sum_(v) for k, v in sums.items()}))
                 raise Interrupted(f"stage {name}, epoch {epoch}, batch {b + 1}")
         record = {"epoch": epoch, "lr": lr, **({"lam": lam} if stage.kind == "kd" else {})}
-        record.update({f"train_{k}": v.item() / len(x_train) for k, v in sums.items()})   # syncs the device
+        record.update({f"train_{k}": dist.sum_(v).item() / len(x_train) for k, v in sums.items()})   # syncs
         record["epoch_s"] = time.perf_counter() - started
         for k, v in record.items():
             if k.startswith("train_") and not math.isfinite(v):
@@ -295,7 +318,7 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
                                   "checkpoint is kept; lower the LR (recipe.student.lr / recipe.teacher.lr) "
                                   "or check the teacher checkpoint")
         if stage.kind != "hint":
-            record["train_acc"] = correct.item() / len(x_train)
+            record["train_acc"] = dist.sum_(correct).item() / len(x_train)
         if valid is not None:
             record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid, valid_cache).items()})
             score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
@@ -386,6 +409,9 @@ def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, st
         s.test = data.test
         if phase_state:
             restore(s, phase_state)
+        if dist.rank() > 0:
+            # Built from the same seed as rank 0 (same weights); its dropout and augmentation draws differ.
+            torch.manual_seed(cfg.seed * 1_000_003 + dist.rank() * 10_007 + s.step)
         return s
 
     def saver(s, phase, first=None):
@@ -434,7 +460,8 @@ def stop_on_signals(resume_command: str):
     try:
         yield
     except Interrupted as where:
-        raise Interrupted(f"{signal.Signals(STOP[0]).name} at {where}; checkpoint saved. Resume with: "
+        by = signal.Signals(STOP[0]).name if STOP else "a signal to another rank"
+        raise Interrupted(f"{by} at {where}; checkpoint saved. Resume with: "
                           f"{resume_command}") from None
     finally:
         for sig, handler in previous.items():
@@ -547,8 +574,17 @@ def holds(run_dir: Path) -> str | None:
     return None
 
 
+class Unlogged:
+    """The TensorBoard writer of torchrun's ranks other than 0: it writes nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def tensorboard(run_dir: Path, state: dict | None) -> SummaryWriter:
     """The run's TensorBoard writer; on resume, points logged after the checkpoint are dropped."""
+    if not dist.is_main():
+        return Unlogged()
     return SummaryWriter(run_dir / "tb", purge_step=state["step"] if state else None)
 
 

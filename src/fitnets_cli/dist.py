@@ -1,0 +1,89 @@
+"""Data parallelism over the processes of one torchrun job (`torchrun --nproc_per_node=N -m fitnets_cli ...`).
+
+Every rank holds the whole dataset on its device and trains on its share of each global batch; gradients,
+metrics and the stop signal are reduced across ranks, and only rank 0 writes files. Outside torchrun (or
+with one process) every function here is a no-op.
+"""
+
+import atexit
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> int:
+    """How many processes train together."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched() -> bool:
+    """Started by torchrun with more than one process."""
+    return world() > 1
+
+
+def is_main() -> bool:
+    """The process that prints and writes files."""
+    return rank() == 0
+
+
+def init() -> None:
+    """Join torchrun's process group: gloo carries CPU tensors, nccl CUDA ones where there are GPUs."""
+    if launched() and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)
+
+
+def shard(idx: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a batch of indices."""
+    return idx[rank()::world()] if launched() else idx
+
+
+def sum_(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks, in place."""
+    if launched():
+        dist.all_reduce(t)
+    return t
+
+
+def same_order(order: torch.Tensor) -> torch.Tensor:
+    """Rank 0's shuffle, so that the shards of every batch partition it."""
+    if launched():
+        dist.broadcast(order, 0)
+    return order
+
+
+def reduce_gradients(params, weight: float) -> None:
+    """Replace each rank's gradients by the global batch's: the sum over ranks of `weight` (this rank's share
+    of the batch) times its own mean gradient. One all-reduce of all gradients flattened together."""
+    if not launched():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads]) * weight
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def anyone(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any: a CPU all-reduce, so the GPU stream never waits."""
+    if not launched():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def share(obj):
+    """Rank 0's `obj` on every rank."""
+    if not launched():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
