@@ -643,8 +643,9 @@ def train_teacher(cfg: Config, run_dir: Path | None = None, resume_command: str 
                         optim.dropout_input, optim.dropout).to(device)
         return Session(maybe_compile(net, cfg), None, nn.ModuleDict(), cfg, optim, device, tb)
 
+    made_by = provenance(cfg)   # taken at the start: the checkout may change while a long run trains
     s, result = fit(cfg, build, [Stage("ce")], data, run_dir, state, resume_command)
-    return finish(cfg, s, result, data, "teacher", cfg.teacher.name, started, run_dir, provenance(cfg),
+    return finish(cfg, s, result, data, "teacher", cfg.teacher.name, started, run_dir, made_by,
                   store=teacher_path(cfg))
 
 
@@ -677,9 +678,10 @@ def train_student(cfg: Config) -> dict:
         regressors = make_regressors(plans, cfg.hints.regressor_init_range, cfg.hints.regressor_max_norm)
         return Session(maybe_compile(student, cfg), teacher, regressors.to(device), cfg, optim, device, tb)
 
+    made_by = provenance(cfg, teacher_file)   # taken at the start: the checkout may change during the run
     s, result = fit(cfg, build, make_stages(kinds, plans), data, run_dir, state)
     for guided, regressor in s.regressors.items():
         # Kept apart from the student (Algorithm 1 drops it), for inspection or reuse.
         atomic_write(run_dir / "checkpoints" / f"regressor-{guided}.pt",
                      lambda tmp: torch.save(regressor.state_dict(), tmp))
-    return finish(cfg, s, result, data, "student", cfg.student.name, started, run_dir, provenance(cfg, teacher_file))
+    return finish(cfg, s, result, data, "student", cfg.student.name, started, run_dir, made_by)
