@@ -73,6 +73,18 @@ def test_every_output_format_parses_back(sweep, tmp_path):
     acc = header.index("test acc % best-valid")
     assert float(cells[1][acc].split(" ± ")[0]) == pytest.approx(as_json[1]["test_acc"], abs=0.006)
     assert isinstance(as_json[1]["params"], int) and isinstance(as_json[1]["test_acc"], float)
+    assert [float(r["test_error"]) for r in as_csv] == pytest.approx([100 - r["test_acc"] for r in as_json])
+
+
+def test_metric_error_shows_test_error_and_error_gaps(sweep):
+    as_json = compare_json(f"runs={sweep}")
+    out = fitnets("compare", f"runs={sweep}", "speed.enabled=false", "format=md", "metric=error").stdout
+    lines = [l for l in out.splitlines() if l.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+    err, gap = header.index("test error % best-valid"), header.index("vs teacher")
+    assert float(cells[1][err].split(" ± ")[0]) == pytest.approx(100 - as_json[1]["test_acc"], abs=0.006)
+    assert float(cells[1][gap]) == pytest.approx(-as_json[1]["gap_teacher"], abs=0.006)
 
 
 def test_plots_are_written_and_not_empty(sweep, tmp_path):

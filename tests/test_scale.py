@@ -68,6 +68,15 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs):
         json.loads((root / "single" / "metrics.json").read_text())["test"]["acc"]
 
 
+def test_eval_under_torchrun_splits_the_test_set_and_reports_it_once(runs, tmp_path):
+    root, _ = runs
+    student = root / "single" / "checkpoints" / "student.pt"
+    alone = fitnets("eval", f"checkpoint={student}", "device=cpu").stdout
+    together = torchrun("eval", f"checkpoint={student}", "device=cpu", cwd=tmp_path).stdout
+    row = lambda out: [line for line in out.splitlines() if "fitnet_mnist" in line]
+    assert len(row(together)) == 1 and row(together) == row(alone)
+
+
 def test_all_ranks_share_one_run_directory_and_only_rank_0_writes(runs):
     root, _ = runs
     runs_made = list((root / "ddp").rglob("metrics.json"))

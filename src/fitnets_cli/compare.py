@@ -185,10 +185,17 @@ def add_references(rows: list[dict]) -> None:
             r["gap_backprop"] = r["test_acc"] - backprop["test_acc"]
 
 
-def _cell(row: dict, key: str) -> str:
+def header(key: str, metric: str) -> str:
+    """A column's header; with metric=error the accuracy columns show test error."""
+    return COLUMNS[key].replace("test acc", "test error") if metric == "error" else COLUMNS[key]
+
+
+def _cell(row: dict, key: str, metric: str = "accuracy") -> str:
     v = row.get(key)
     if v is None or v == "":
         return ""
+    if metric == "error" and key in ("test_acc", "test_acc_last", "gap_teacher", "gap_backprop"):
+        v = 100 - v if key.startswith("test") else -v   # error gaps: negative is fewer errors
     if key in ("test_acc", "test_acc_last"):
         return f"{v:.2f}" + (f" ± {row[key + '_std']:.2f}" if row.get("seeds", 0) > 1 else "")
     if key in ("gap_teacher", "gap_backprop"):
@@ -207,10 +214,12 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def render(rows: list[dict], columns: list[str], fmt: str, note: str) -> str:
+def render(rows: list[dict], columns: list[str], fmt: str, note: str, metric: str = "accuracy") -> str:
     """The table as markdown (the shown columns), or CSV / JSON (every column, raw numbers, one object per
     row), so scripts see the same fields whatever the rows hold."""
     keys = list(COLUMNS) + ["test_acc_std", "test_acc_last_std", "role"]
+    rows = [{**r, "test_error": 100 - r["test_acc"]} if "test_acc" in r else r for r in rows]
+    keys.insert(keys.index("test_acc") + 1, "test_error")
     if fmt == "json":
         return json.dumps([{k: r.get(k) for k in keys + ["runs"]} for r in rows], indent=2) + "\n"
     if fmt == "csv":
@@ -219,8 +228,8 @@ def render(rows: list[dict], columns: list[str], fmt: str, note: str) -> str:
         writer.writerow(keys)
         writer.writerows([[r.get(k, "") for k in keys] for r in rows])
         return buf.getvalue()
-    lines = ["| " + " | ".join(COLUMNS[c] for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r, c) for c in columns) + " |" for r in rows]
+    lines = ["| " + " | ".join(header(c, metric) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r, c, metric) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
@@ -241,7 +250,9 @@ def compare_command(cfg: Config) -> list[dict]:
         note += (f"; speed-up = teacher / model median latency, batch {cfg.speed.batch_size}, median of "
                  f"{cfg.speed.repeats} after {cfg.speed.warmup} warm-up, on {device_name(device)}")
     if cfg.runs:
-        note += "; accuracy: mean ± sample std over seeds"
+        note += f"; test {cfg.metric}: mean ± sample std over seeds"
+    if cfg.metric == "error":
+        note += "; vs teacher / vs backprop: difference in test error, percentage points (negative: fewer errors)"
     add_references(rows)
     rows.sort(key=lambda r: (r["dataset"], r["role"] != "teacher", r["model"],
                              SCHEDULE_ORDER.index(r["schedule"]) if r["schedule"] in SCHEDULE_ORDER else 9,
@@ -249,14 +260,14 @@ def compare_command(cfg: Config) -> list[dict]:
     columns = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows) or c in ("model", "params", "mults")]
     table = Table(title="compare", caption=note)
     for c in columns:
-        table.add_column(COLUMNS[c], justify="left" if c in TEXT_COLUMNS else "right", overflow="fold",
+        table.add_column(header(c, cfg.metric), justify="left" if c in TEXT_COLUMNS else "right", overflow="fold",
                          no_wrap=c in ("model", "schedule", "dataset"))
     for r in rows:
-        table.add_row(*(_cell(r, c) for c in columns))
+        table.add_row(*(_cell(r, c, cfg.metric) for c in columns))
     if cfg.format == "table" or cfg.out:
         console.print(table)
     if cfg.format != "table":
-        text = render(rows, columns, cfg.format, note)
+        text = render(rows, columns, cfg.format, note, cfg.metric)
         if cfg.out:
             write_text(Path(cfg.out), text)
             console.print(f"wrote {cfg.out}")

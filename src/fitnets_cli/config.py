@@ -217,6 +217,7 @@ class Config:
     students: List[str] = field(default_factory=list)   # student configs; [] with no runs: dataset.students
     runs: Any = field(default_factory=list)             # run directories, globs or sweep directories
     format: str = "table"                               # table | md | csv | json
+    metric: str = "accuracy"                            # accuracy | error: what the table shows
     out: Optional[str] = None                           # write md/csv/json here instead of stdout
     plots: Optional[str] = None                         # write PNG plots into this directory
     speed: Speed = field(default_factory=Speed)
@@ -225,6 +226,7 @@ class Config:
         if isinstance(self.runs, str):
             self.runs = [self.runs]
         _one_of(self.format, ("table", "md", "csv", "json"), "format")
+        _one_of(self.metric, ("accuracy", "error"), "metric")
         _one_of(self.device, ("auto", "cpu", "cuda"), "device")
         _one_of(self.counting, ("actual", "paper"), "counting")
         _require(self.eval_batch_size > 0, "eval_batch_size must be > 0")
