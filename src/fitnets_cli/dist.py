@@ -80,6 +80,12 @@ def anyone(flag: bool) -> bool:
     return bool(t.item())
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (so that files rank 0 just wrote are there for the others)."""
+    if launched():
+        dist.barrier()
+
+
 def share(obj):
     """Rank 0's `obj` on every rank."""
     if not launched():

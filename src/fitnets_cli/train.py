@@ -549,6 +549,7 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
     if store:
         console.print(f"teacher stored at {store}")
     write_json(run_dir / "metrics.json", metrics)
+    dist.barrier()   # an auto-trained teacher is read back by every rank once rank 0 has stored it
     s.tb.add_hparams({"model": name, "dataset": cfg.dataset.name, "schedule": metrics["schedule"],
                       "seed": cfg.seed, "lr": s.optim.lr, "batch_size": s.optim.batch_size},
                      {"hparam/test_acc": test["acc"], "hparam/test_loss": test["loss"]}, run_name=".")
