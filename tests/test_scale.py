@@ -71,8 +71,9 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs):
 def test_eval_under_torchrun_splits_the_test_set_and_reports_it_once(runs, tmp_path):
     root, _ = runs
     student = root / "single" / "checkpoints" / "student.pt"
-    alone = fitnets("eval", f"checkpoint={student}", "device=cpu").stdout
-    together = torchrun("eval", f"checkpoint={student}", "device=cpu", cwd=tmp_path).stdout
+    options = [f"checkpoint={student}", f"data.root={root / 'data'}", "device=cpu"]
+    alone = fitnets("eval", *options).stdout
+    together = torchrun("eval", *options, cwd=tmp_path).stdout
     row = lambda out: [line for line in out.splitlines() if "fitnet_mnist" in line]
     assert len(row(together)) == 1 and row(together) == row(alone)
 

@@ -175,7 +175,8 @@ def main() -> None:
         print(f"fitnets: unknown command {command!r}; commands are {', '.join(COMMANDS)} (see fitnets --help)",
               file=sys.stderr)
         sys.exit(2)
-    args = args[1:] if os.environ.get("WORLD_SIZE", "1") == "1" else distributed(command, args[1:])
+    torchrun = os.environ.get("WORLD_SIZE", "1") != "1"
+    args = distributed(command, args[1:]) if torchrun else precheck(command, args[1:])
     sys.argv = [f"fitnets {command}", *args]
     app = hydra.main(config_path="pkg://fitnets_cli.conf", config_name=COMMANDS[command][0], version_base="1.3")
     app(task)()
