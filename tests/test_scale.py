@@ -74,7 +74,7 @@ def test_eval_under_torchrun_splits_the_test_set_and_reports_it_once(runs, tmp_p
     options = [f"checkpoint={student}", f"data.root={root / 'data'}", "device=cpu"]
     alone = fitnets("eval", *options).stdout
     together = torchrun("eval", *options, cwd=tmp_path).stdout
-    row = lambda out: [line for line in out.splitlines() if "fitnet_mnist" in line]
+    row = lambda out: [line for line in out.splitlines() if line.startswith("│ fitnet_mnist")]
     assert len(row(together)) == 1 and row(together) == row(alone)
 
 
