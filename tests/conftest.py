@@ -50,6 +50,15 @@ def tiny(tiny_mnist, tmp_path):
             "recipe.teacher.lr=0.002", "device=cpu"]
 
 
+def tiny_teacher(root: Path) -> list[str]:
+    """Tiny MNIST under root, a teacher trained on it, and the overrides that run on both."""
+    data = write_tiny_mnist(root / "data")
+    base = ["dataset=mnist", f"data.root={data}", "dataset.valid_size=50", f"teacher_store={root / 'teachers'}",
+            "recipe.teacher.max_epochs=2", "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002", "device=cpu"]
+    fitnets("train-teacher", *base, f"hydra.run.dir={root / 'teacher'}")
+    return base
+
+
 def write_tiny_mnist(root: Path) -> Path:
     """Write 20 train and 5 test images per class as MNIST's raw IDX files under root/MNIST/raw."""
     rng = np.random.default_rng(0)

@@ -22,12 +22,9 @@ RUN = ["student=fitnet_mnist", "schedule=fitnets", "recipe.student.max_epochs=10
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Tiny MNIST, a trained teacher, and the reference run that nobody interrupts."""
-    from conftest import write_tiny_mnist
+    from conftest import tiny_teacher
     root = tmp_path_factory.mktemp("reliable")
-    data = write_tiny_mnist(root / "data")
-    base = ["dataset=mnist", f"data.root={data}", "dataset.valid_size=50", f"teacher_store={root / 'teachers'}",
-            "recipe.teacher.max_epochs=2", "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002", "device=cpu"]
-    fitnets("train-teacher", *base, f"hydra.run.dir={root / 'teacher'}")
+    base = tiny_teacher(root)
     fitnets("train", *base, *RUN, f"hydra.run.dir={root / 'reference'}")
     return root, base
 

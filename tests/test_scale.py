@@ -37,12 +37,9 @@ def torchrun(*args, cwd, wait=True):
 def runs(tmp_path_factory):
     """A teacher, then the same student run by one process and by two ranks with the same global batch; the
     distributed run uses the default (timestamped) run directory, in a directory of its own."""
-    from conftest import write_tiny_mnist
+    from conftest import tiny_teacher
     root = tmp_path_factory.mktemp("scale")
-    data = write_tiny_mnist(root / "data")
-    base = ["dataset=mnist", f"data.root={data}", "dataset.valid_size=50", f"teacher_store={root / 'teachers'}",
-            "recipe.teacher.max_epochs=2", "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002", "device=cpu"]
-    fitnets("train-teacher", *base, f"hydra.run.dir={root / 'teacher'}")
+    base = tiny_teacher(root)
     fitnets("train", *base, *RUN, f"hydra.run.dir={root / 'single'}")
     (root / "ddp").mkdir()
     torchrun("train", *base, *RUN, cwd=root / "ddp")
