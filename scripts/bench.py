@@ -166,7 +166,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", choices=["on", "off"], default="off", help="bf16 autocast on CUDA (the CLI's amp)")
+    parser.add_argument("--amp", choices=["on", "off"], default="off", help="bf16 autocast (the CLI's amp)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer (the CLI's compile)")
     parser.add_argument("--only", help="run only the pairs whose name contains this")
     parser.add_argument("--json", help="write the results here")

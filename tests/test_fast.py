@@ -3,11 +3,12 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision.transforms as T
 
 from fitnets_cli.data import augment
-from fitnets_cli.train import batch_targets, make_stages, stage_loss, teacher_cache
+from fitnets_cli.train import autocast, batch_targets, make_stages, stage_loss, teacher_cache
 
 from test_train import mnist_session, random_split
 
@@ -52,6 +53,21 @@ def test_fast_and_conventional_loops_give_the_same_loss_on_the_same_batch(make_c
         theirs = bench.conventional_loss(s, stage, x, y)
         torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(ours_cached, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_amp_trains_under_bf16_on_cpu_with_float32_losses(make_config, tmp_path):
+    x, y = random_split(16, 3)
+    losses = {}
+    for amp in (False, True):
+        s, plans = mnist_session(make_config, tmp_path, [f"amp={amp}"])
+        for stage in make_stages(["hint", "kd"], plans):
+            with autocast(s):
+                loss, _, logits = stage_loss(s, stage, x, y, 4.0, batch_targets(s, stage, x, None, None))
+                assert s.student(x).dtype == (torch.bfloat16 if amp else torch.float32)
+            assert loss.dtype == torch.float32
+            losses[amp, stage.kind] = loss.item()
+    for kind in ("hint", "kd"):
+        assert losses[True, kind] == pytest.approx(losses[False, kind], rel=0.02)
 
 
 def offsets(images, pad):

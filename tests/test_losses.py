@@ -45,3 +45,15 @@ def test_lam_schedule_paper_and_code_settings(make_config):
     for count in (0, 4, 5, 6, 200, 399, 400, 450):
         expected = 4 if count < 5 else (1 if count >= 400 else 4 - step * (count - 5 + 1))
         assert lam_at(count, code) == pytest.approx(expected)
+
+
+def test_kd_loss_of_bf16_logits_is_computed_in_float32():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = (torch.randn(64, 10, generator=g).mul(5).bfloat16() for _ in range(2))
+    labels = torch.randint(0, 10, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kd_loss(student, teacher, labels, 3.0, 4.0)
+    expected = kd_loss(student.float(), teacher.float(), labels, 3.0, 4.0)
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fitnets_cli.compare import load_student
-from fitnets_cli.models import build_net, count
+from fitnets_cli.models import Maxout, build_net, count
 
 STUDENTS = ["fitnet1", "fitnet2", "fitnet3", "fitnet4", "fitnet_mnist"] + [
     f"depth{d}_{b}" for d in (5, 7, 9, 11) for b in ("30m", "107m")]
@@ -87,3 +87,17 @@ def test_flop_counter_counts_a_small_maxout_net_like_a_hand_count():
     conv = 3 * 3 * 2 * (4 * 3) * 6 * 6      # k^2 * C_in * C_out*pieces * H * W
     fc = (4 * 3 * 3) * (5 * 2)
     assert c["mults"] == conv + fc + 5 * 7 and c["flops"] == 2 * c["mults"]
+
+
+def test_maxout_gradient_equals_amax_gradient_ties_included():
+    z = torch.randn(3, 4, 2, 5, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(Maxout.apply, (z,))
+    tied = torch.randn(3, 4, 3, 5, 5)
+    tied[:, :, 1:] = tied[:, :, :1]            # every position ties across pieces 0-2
+    tied[0, 0, 2] += 1.0                        # ... but these, where piece 2 wins alone
+    for x in (z.detach().float(), tied):
+        x = x.clone().requires_grad_(True)
+        grad = torch.randn(x.shape[:2] + x.shape[3:])
+        torch.testing.assert_close(Maxout.apply(x), x.amax(2), rtol=0, atol=0)
+        ours = torch.autograd.grad(Maxout.apply(x), x, grad)[0]
+        torch.testing.assert_close(ours, torch.autograd.grad(x.amax(2), x, grad)[0], rtol=0, atol=0)

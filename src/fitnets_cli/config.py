@@ -205,7 +205,7 @@ class Config:
     # Where the teacher's inputs are deterministic (no augmentation), compute its outputs once per stage.
     teacher_cache: bool = True
     teacher_cache_gb: float = 2.0       # ... when they fit in this much memory
-    amp: bool = True                    # bf16 autocast on CUDA (no effect on CPU)
+    amp: bool = False                   # bf16 autocast (CUDA or CPU)
     compile: bool = False               # torch.compile each layer (see docs/performance.md for when it pays)
     # actual: every parameter of the built network. paper: weights only, FC maxout as 2 pieces (spec 2.8).
     counting: str = "actual"

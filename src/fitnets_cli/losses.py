@@ -20,6 +20,8 @@ def kd_loss(student_logits, teacher_logits, labels, tau: float, lam: float):
 
     Returns (total, hard cross-entropy, soft cross-entropy).
     """
+    # float32 even under bf16 autocast: on CPU, autocast leaves softmax in bf16
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     ce = F.cross_entropy(student_logits, labels)
     soft = -(F.softmax(teacher_logits / tau, 1) * F.log_softmax(student_logits / tau, 1)).sum(1).mean()
     return ce + lam * soft, ce, soft

@@ -83,8 +83,8 @@ def make_stages(kinds: list[str], plans: list[HintPlan]) -> list[Stage]:
 
 
 def autocast(s: Session):
-    """bf16 autocast on CUDA when `amp` is on; a no-op on CPU."""
-    return torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.cfg.amp and s.device.type == "cuda")
+    """bf16 autocast (on CUDA or CPU) when `amp` is on."""
+    return torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.cfg.amp)
 
 
 def maybe_compile(net: Net, cfg: Config) -> Net:
