@@ -11,9 +11,10 @@ Each is warmed up for `steps` steps and timed over the next 2 x `steps`.
 for stage 1 (hints) and stage 2 (KD) of FitNet-4 with the maxout teacher at CIFAR-10 shape, and of the
 MNIST FitNet with the MNIST maxout teacher. Prints images/s, b/a and b/c, and peak memory.
 
-  python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--amp on|off] [--compile] [--json bench.json]
+  python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--amp on|off|both] [--compile] [--json bench.json]
 
 --amp and --compile set the CLI's `amp` and `compile` options; the floor step runs under the same autocast.
+--amp both measures each stage in fp32 and in bf16 and prints the speed-up of our loop (b) under bf16.
 """
 
 import argparse
@@ -166,7 +167,8 @@ def main():
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", choices=["on", "off"], default="off", help="bf16 autocast (the CLI's amp)")
+    parser.add_argument("--amp", choices=["on", "off", "both"], default="off",
+                        help="bf16 autocast (the CLI's amp); both: each stage in fp32 and in bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer (the CLI's compile)")
     parser.add_argument("--only", help="run only the pairs whose name contains this")
     parser.add_argument("--json", help="write the results here")
@@ -175,38 +177,46 @@ def main():
     device = pick_device(args.device)
     console = Console()
     results = []
-    options = [f"device={device.type}", f"amp={args.amp == 'on'}", f"compile={args.compile}"]
+    amps = {"off": [False], "on": [True], "both": [False, True]}[args.amp]
     for pair, (overrides, shape, train_size) in PAIRS.items():
         if args.only and args.only not in pair:
             continue
-        s, plans = setup(overrides + options, device, args.tb)
         # A full-size dataset on the device (train, valid, test), as a real run holds it, so peak memory
         # counts it; and evaluation at the CLI's batch size, whose activations are the largest.
         full = torch.randn(train_size, *shape, device=device)
         held_out = torch.randn(2 * 10_000, *shape, device=device)
-        evaluate(s.student, held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device), 1000)
-        for stage in make_stages(["hint", "kd"], plans):
-            floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
-            results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
-                            "floor_ips": floor, "ours_ips": ours, "conventional_ips": conventional,
-                            "b_over_a": ours / floor, "b_over_c": ours / conventional})
-            console.print(results[-1])
-        results[-1]["peak_memory_gib"] = results[-2]["peak_memory_gib"] = peak_memory_gib(device)
+        for amp in amps:
+            s, plans = setup(overrides + [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"],
+                             device, args.tb)
+            evaluate(s.student, held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device), 1000)
+            for stage in make_stages(["hint", "kd"], plans):
+                floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
+                results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
+                                "amp": "bf16" if amp else "fp32", "floor_ips": floor, "ours_ips": ours,
+                                "conventional_ips": conventional, "b_over_a": ours / floor,
+                                "b_over_c": ours / conventional})
+                console.print(results[-1])
+            results[-1]["peak_memory_gib"] = results[-2]["peak_memory_gib"] = peak_memory_gib(device)
         del full, held_out
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    table = Table(title=f"training images/s on {name}, batch {args.batch}, amp {args.amp}, compile {args.compile}")
-    for col in ("pair", "stage", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c", "peak GiB"):
+    table = Table(title=f"training images/s on {name}, batch {args.batch}, compile {args.compile}")
+    for col in ("pair", "stage", "amp", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c", "peak GiB"):
         table.add_column(col)
     for r in results:
-        table.add_row(r["pair"], r["stage"], f"{r['floor_ips']:.0f}", f"{r['ours_ips']:.0f}",
+        table.add_row(r["pair"], r["stage"], r["amp"], f"{r['floor_ips']:.0f}", f"{r['ours_ips']:.0f}",
                       f"{r['conventional_ips']:.0f}", f"{r['b_over_a']:.2f}", f"{r['b_over_c']:.2f}",
                       f"{r['peak_memory_gib']:.2f}")
     console.print(table)
+    speedups = [{"pair": f["pair"], "stage": f["stage"], "bf16_over_fp32": b["ours_ips"] / f["ours_ips"]}
+                for f in results if f["amp"] == "fp32" for b in results
+                if b["amp"] == "bf16" and (b["pair"], b["stage"]) == (f["pair"], f["stage"])]
+    for r in speedups:
+        console.print(f"{r['pair']}, stage {r['stage']}: our loop under bf16 runs {r['bf16_over_fp32']:.2f}x fp32")
     if args.json:
         meta = {"device": name, "machine": platform.machine(), "torch": torch.__version__, "batch": args.batch,
                 "steps": args.steps, "amp": args.amp, "compile": args.compile}
         with open(args.json, "w") as f:
-            json.dump({**meta, "results": results}, f, indent=2)
+            json.dump({**meta, "results": results, "amp_speedups": speedups}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The fast data path and step: teacher caching, batched augmentation, and the benchmark's baseline."""
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,3 +96,19 @@ def test_device_augmentation_matches_torchvision_random_crop_and_flip():
         pa = torch.bincount(a.long(), minlength=2 * pad + 1).float() / len(a)
         pb = torch.bincount(b.long(), minlength=2 * pad + 1).float() / len(b)
         assert len(pa) == len(pb) and (pa - pb).abs().max() < 0.04
+
+
+def test_benchmark_measures_fp32_and_bf16_in_one_run(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(Path(bench.__file__)), "--only", "MNIST", "--steps", "1", "--amp", "both",
+                    "--json", str(out), "--tb", str(tmp_path / "tb")], check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    rows = {(r["stage"], r["amp"]): r for r in report["results"]}
+    assert set(rows) == {(stage, amp) for stage in ("1 (hints)", "2 (KD)") for amp in ("fp32", "bf16")}
+    for r in rows.values():
+        assert min(r["floor_ips"], r["ours_ips"], r["conventional_ips"]) > 0
+        assert r["b_over_a"] == pytest.approx(r["ours_ips"] / r["floor_ips"])
+    for r in report["amp_speedups"]:
+        expected = rows[r["stage"], "bf16"]["ours_ips"] / rows[r["stage"], "fp32"]["ours_ips"]
+        assert r["bf16_over_fp32"] == pytest.approx(expected)
+    assert len(report["amp_speedups"]) == 2

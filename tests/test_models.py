@@ -101,3 +101,21 @@ def test_maxout_gradient_equals_amax_gradient_ties_included():
         torch.testing.assert_close(Maxout.apply(x), x.amax(2), rtol=0, atol=0)
         ours = torch.autograd.grad(Maxout.apply(x), x, grad)[0]
         torch.testing.assert_close(ours, torch.autograd.grad(x.amax(2), x, grad)[0], rtol=0, atol=0)
+
+
+def test_pooling_layer_keeps_nchw_values_and_gradients_with_ties(make_config):
+    """The CPU path pools in channels_last; ties (MNIST's blank areas) must pick the same elements."""
+    net = build_net(make_config("train", ["dataset=mnist"]).teacher.layers, (1, 28, 28), 10)
+    layer = net.layers["conv1"]
+    x = torch.randint(0, 3, (4, 1, 28, 28)).float()
+    z = layer.map(x).unflatten(1, (layer.spec.out, layer.pieces)).amax(2).detach().requires_grad_(True)
+    z.data[:, :, :8] = 1.0                                      # a tied region, as blank background gives
+    expected = torch.nn.functional.max_pool2d(z, layer.spec.pool, layer.spec.pool_stride, ceil_mode=True)
+    layer.map = torch.nn.Identity()                             # feed z straight to the max and pool
+    layer.pieces = 1
+    got = layer(z)
+    assert got.is_contiguous()
+    grad = torch.randn_like(got)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, z, grad)[0], torch.autograd.grad(expected, z, grad)[0],
+                               rtol=0, atol=0)

@@ -59,7 +59,14 @@ class MaxoutLayer(nn.Module):
         if self.pieces > 1:
             z = Maxout.apply(z.unflatten(1, (self.spec.out, self.pieces)))
         if self.spec.pool:
+            # On CPU, max-pooling a channels_last map is several times faster than an NCHW one (same
+            # values, same argmax indices), and worth the two layout copies around it.
+            cpu = z.device.type == "cpu"
+            if cpu:
+                z = z.contiguous(memory_format=torch.channels_last)
             z = F.max_pool2d(z, self.spec.pool, self.spec.pool_stride or self.spec.pool, ceil_mode=True)
+            if cpu:
+                z = z.contiguous()
         return z
 
 
