@@ -90,12 +90,16 @@ def test_flop_counter_counts_a_small_maxout_net_like_a_hand_count():
 
 
 def test_maxout_gradient_equals_amax_gradient_ties_included():
-    z = torch.randn(3, 4, 2, 5, 5, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(Maxout.apply, (z,))
-    tied = torch.randn(3, 4, 3, 5, 5)
-    tied[:, :, 1:] = tied[:, :, :1]            # every position ties across pieces 0-2
-    tied[0, 0, 2] += 1.0                        # ... but these, where piece 2 wins alone
-    for x in (z.detach().float(), tied):
+    cases = []
+    for pieces in (2, 3):                      # 2 pieces take their own path
+        z = torch.randn(3, 4, pieces, 5, 5, dtype=torch.double, requires_grad=True)
+        assert torch.autograd.gradcheck(Maxout.apply, (z,))
+        tied = torch.randn(3, 4, pieces, 5, 5)
+        tied[:, :, 1:] = tied[:, :, :1]        # every position ties across all pieces
+        tied[0, 0, -1] += 1.0                  # ... but these, where the last piece wins alone
+        tied[1, 1, -1] -= 1.0                  # ... and these, where it loses
+        cases += [z.detach().float(), tied]
+    for x in cases:
         x = x.clone().requires_grad_(True)
         grad = torch.randn(x.shape[:2] + x.shape[3:])
         torch.testing.assert_close(Maxout.apply(x), x.amax(2), rtol=0, atol=0)
