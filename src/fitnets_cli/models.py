@@ -14,10 +14,9 @@ from fitnets_cli.config import ConfigError, Layer
 
 class Maxout(torch.autograd.Function):
     """The max over dim 2 (the pieces), with amax's gradient (tied pieces share it equally) in fewer passes
-    than autograd's amax backward: on a CPU, FitNet-4's forward and backward ran 13% (fp32) to 24% (bf16)
-    faster, and the 2-piece path below took the MNIST FitNet's from 38 to 31 ms a batch. (Theano's max, in
-    the authors' code, gives each tied piece the whole gradient; ties are common, e.g. over MNIST's blank
-    background, so changing that would change every published run.)"""
+    than autograd's amax backward, which made FitNet-4's forward and backward 1.2x (fp32) to 1.7x (bf16)
+    slower on a CPU (scripts/bench_maxout.py). Theano's max, in the authors' code, gives each tied piece the
+    whole gradient; ties are common (MNIST's blank background), so that would change every published run."""
 
     @staticmethod
     def forward(ctx, z):
