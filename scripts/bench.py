@@ -207,9 +207,9 @@ def main():
                       f"{r['conventional_ips']:.0f}", f"{r['b_over_a']:.2f}", f"{r['b_over_c']:.2f}",
                       f"{r['peak_memory_gib']:.2f}")
     console.print(table)
-    speedups = [{"pair": f["pair"], "stage": f["stage"], "bf16_over_fp32": b["ours_ips"] / f["ours_ips"]}
-                for f in results if f["amp"] == "fp32" for b in results
-                if b["amp"] == "bf16" and (b["pair"], b["stage"]) == (f["pair"], f["stage"])]
+    fp32 = {(r["pair"], r["stage"]): r["ours_ips"] for r in results if r["amp"] == "fp32"}
+    speedups = [{"pair": r["pair"], "stage": r["stage"], "bf16_over_fp32": r["ours_ips"] / fp32[r["pair"], r["stage"]]}
+                for r in results if r["amp"] == "bf16" and (r["pair"], r["stage"]) in fp32]
     for r in speedups:
         console.print(f"{r['pair']}, stage {r['stage']}: our loop under bf16 runs {r['bf16_over_fp32']:.2f}x fp32")
     if args.json:

@@ -8,12 +8,11 @@ import argparse
 import time
 
 import torch
-from hydra import compose, initialize_config_module
 
 from fitnets_cli import models
-from fitnets_cli.config import to_config
+from fitnets_cli.compare import load_student
 
-PAIRS = {"fitnet_mnist": ("mnist", (1, 28, 28)), "fitnet4": ("cifar10", (3, 32, 32))}
+SHAPES = {"fitnet_mnist": (1, 28, 28), "fitnet4": (3, 32, 32)}
 
 
 def best_ms(step, repeats=5) -> float:
@@ -31,10 +30,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     maxouts = {"amax": lambda z: z.amax(2), "Maxout": models.Maxout.apply}
-    for student, (dataset, shape) in PAIRS.items():
-        with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
-            cfg = to_config(compose("train", overrides=[f"dataset={dataset}", f"student={student}"]))
-        net = models.build_net(cfg.student.layers, shape, 10, 0.05)
+    for student, shape in SHAPES.items():
+        net = models.build_net(load_student(student).layers, shape, 10, 0.05)
         x = torch.randn(128, *shape)
         for amp in (False, True):
             for _ in range(args.rounds):
@@ -43,7 +40,6 @@ def main():
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                         ms = best_ms(lambda: net(x).float().sum().backward())
                     print(f"{student} {'bf16' if amp else 'fp32'} {name}: {ms:.1f} ms", flush=True)
-        models.Maxout.apply = maxouts["Maxout"]
 
 
 if __name__ == "__main__":

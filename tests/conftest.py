@@ -42,19 +42,21 @@ def tiny_mnist(tmp_path):
     return write_tiny_mnist(tmp_path / "data")
 
 
+def tiny_overrides(data: Path, store: Path) -> list[str]:
+    """Overrides that make a command run on the tiny MNIST files under `data` in seconds."""
+    return ["dataset=mnist", f"data.root={data}", "dataset.valid_size=50", f"teacher_store={store}",
+            "recipe.teacher.max_epochs=2", "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002", "device=cpu"]
+
+
 @pytest.fixture
 def tiny(tiny_mnist, tmp_path):
     """Overrides that make every command run on the tiny MNIST files in seconds."""
-    return ["dataset=mnist", f"data.root={tiny_mnist}", "dataset.valid_size=50", f"teacher_store={tmp_path / 'teachers'}",
-            "recipe.teacher.max_epochs=2", "recipe.student.max_epochs=2", "recipe.teacher.optimizer=rmsprop",
-            "recipe.teacher.lr=0.002", "device=cpu"]
+    return tiny_overrides(tiny_mnist, tmp_path / "teachers") + ["recipe.student.max_epochs=2"]
 
 
 def tiny_teacher(root: Path) -> list[str]:
     """Tiny MNIST under root, a teacher trained on it, and the overrides that run on both."""
-    data = write_tiny_mnist(root / "data")
-    base = ["dataset=mnist", f"data.root={data}", "dataset.valid_size=50", f"teacher_store={root / 'teachers'}",
-            "recipe.teacher.max_epochs=2", "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002", "device=cpu"]
+    base = tiny_overrides(write_tiny_mnist(root / "data"), root / "teachers")
     fitnets("train-teacher", *base, f"hydra.run.dir={root / 'teacher'}")
     return base
 

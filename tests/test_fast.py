@@ -64,7 +64,7 @@ def test_amp_trains_under_bf16_on_cpu_with_float32_losses(make_config, tmp_path)
         s, plans = mnist_session(make_config, tmp_path, [f"amp={amp}"])
         for stage in make_stages(["hint", "kd"], plans):
             with autocast(s):
-                loss, _, logits = stage_loss(s, stage, x, y, 4.0, batch_targets(s, stage, x, None, None))
+                loss, _, _ = stage_loss(s, stage, x, y, 4.0, batch_targets(s, stage, x, None, None))
                 assert s.student(x).dtype == (torch.bfloat16 if amp else torch.float32)
             assert loss.dtype == torch.float32
             losses[amp, stage.kind] = loss.item()
