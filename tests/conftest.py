@@ -45,7 +45,8 @@ def tiny_mnist(tmp_path):
 def tiny_overrides(data: Path, store: Path) -> list[str]:
     """Overrides that make a command run on the tiny MNIST files under `data` in seconds."""
     return ["dataset=mnist", f"data.root={data}", "dataset.valid_size=50", f"teacher_store={store}",
-            "recipe.teacher.max_epochs=2", "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002", "device=cpu"]
+            "recipe.teacher.max_epochs=2", "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002",
+            "recipe.teacher.momentum=0", "recipe.teacher.momentum_final=0", "device=cpu"]
 
 
 @pytest.fixture

@@ -28,7 +28,8 @@ def sweep(tmp_path_factory):
     data = write_tiny_mnist(root / "data")
     fitnets("train", "-m", "experiment=mnist_table4", "seed=0,1", f"data.root={data}", "dataset.valid_size=50",
             f"teacher_store={root / 'teachers'}", "recipe.teacher.max_epochs=2", "recipe.student.max_epochs=2",
-            "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002", "recipe.student.lr=0.002",
+            "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002", "recipe.teacher.momentum=0",
+            "recipe.teacher.momentum_final=0", "recipe.student.lr=0.002",
             "device=cpu", f"hydra.sweep.dir={root / 'sweep'}")
     return root / "sweep"
 

@@ -39,12 +39,25 @@ def test_lam_schedule_paper_and_code_settings(make_config):
     assert lam_at(74.5, paper) == pytest.approx(2.5) and 1 < lam_at(148, paper) < 1.03
     cifar = make_config("train", ["dataset=cifar10"]).recipe.kd
     assert lam_at(0, cifar) == 4 and lam_at(499, cifar) == 1 and lam_at(498, cifar) > 1
-    # The authors' TeacherDecayOverEpoch(start=5, saturate=400): lam0 - step*(count-start+1), step = 3/396.
-    code = KD(lam_start=4, lam_end=1, lam_start_epoch=4, lam_end_epoch=400)
-    step = 3 / 396
-    for count in (0, 4, 5, 6, 200, 399, 400, 450):
-        expected = 4 if count < 5 else (1 if count >= 400 else 4 - step * (count - 5 + 1))
-        assert lam_at(count, code) == pytest.approx(expected)
+
+
+def teacher_decay_over_epoch(start, saturate, lam0, final, epochs):
+    """The authors' extensions/TeacherDecayOverEpoch.py, replayed as pylearn2 drives it: setup() at count 0,
+    then on_monitor() once before the first epoch and once after each, so epoch e trains at count e + 1."""
+    step = (lam0 - final) / (saturate - start + 1)
+    lam = lambda count: max(0.0, lam0 if count < start else
+                            (lam0 - step * (count - start + 1) if count < saturate else final))
+    return [lam(epoch + 1) for epoch in range(epochs)]
+
+
+@pytest.mark.parametrize("start, saturate, final, overrides", [
+    (5, 400, 1.0, dict(lam_start_epoch=3, lam_end_epoch=399)),                 # CIFAR yamls
+    (5, 150, 0.0, dict(lam_start_epoch=3, lam_end_epoch=149, lam_end=0.0)),    # MNIST yaml
+])
+def test_lam_overrides_in_the_recipes_replay_the_authors_schedule(start, saturate, final, overrides):
+    kd = KD(**{"lam_start": 4.0, "lam_end": 1.0, **overrides})
+    expected = teacher_decay_over_epoch(start, saturate, 4.0, final, 500)
+    assert [lam_at(e, kd) for e in range(500)] == pytest.approx(expected, abs=1e-12)
 
 
 def test_kd_loss_of_bf16_logits_is_computed_in_float32():

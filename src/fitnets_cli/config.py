@@ -97,6 +97,12 @@ class Data:
     download: bool = False
     split_seed: int = 0                 # seeds the train/valid split, independent of the run's seed
     cache: Optional[str] = None         # preprocessed-data cache (GCN/ZCA, LCN); None: <root>/fitnets_cache
+    # stratified: a seeded split with valid_size / classes images of each class held out. last: the last
+    # valid_size training images, as the authors' yamls (MNIST start 50000 / stop 60000).
+    valid_split: str = "stratified"
+
+    def __post_init__(self):
+        _one_of(self.valid_split, ("stratified", "last"), "data.valid_split")
 
 
 @dataclass
@@ -111,7 +117,10 @@ class Optim:
     momentum_saturate: int = 0
     lr_decay_factor: float = 1.0        # LR falls linearly to lr * factor by lr_decay_saturate
     lr_decay_saturate: int = 0
+    lr_exp_decay: float = 1.0           # divide the LR by this after every update (pylearn2 ExponentialDecay)
+    lr_min: float = 0.0                 # ... but never below this
     batch_size: int = 128
+    drop_last: bool = False             # skip each epoch's last partial batch (pylearn2's even_* iterators)
     max_epochs: int = 500
     patience: int = 100                 # stop after this many epochs without a validation improvement
     init_range: float = 0.005           # weights ~ U(-r, r), biases 0
@@ -125,6 +134,14 @@ class Optim:
         _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _require(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
         _require(self.patience > 0, f"patience must be > 0, got {self.patience}")
+        _require(self.lr_exp_decay >= 1, f"lr_exp_decay must be >= 1 (1: off), got {self.lr_exp_decay}")
+        # Settings that would otherwise be accepted and have no effect:
+        _require(self.optimizer == "sgd" or self.momentum == self.momentum_final == 0,
+                 "momentum / momentum_final apply to optimizer=sgd only; set them to 0 with rmsprop")
+        _require(self.lr_decay_factor == 1 or self.lr_decay_saturate > 0,
+                 "lr_decay_factor needs lr_decay_saturate > 0 (the epoch at which the decay ends)")
+        _require(self.momentum == self.momentum_final or self.momentum_saturate > 0,
+                 "momentum_final needs momentum_saturate > 0 (the epoch at which it is reached)")
 
 
 @dataclass

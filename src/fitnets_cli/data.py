@@ -35,12 +35,22 @@ def load_data(dataset, data, device) -> Splits:
     train, valid = [], []
     for i, (pool, size) in enumerate(pools):
         labels = raw[pool][1]
-        keep, held = stratified_split(labels, size, dataset.num_classes, data.split_seed + i)
+        if data.valid_split == "last":
+            keep, held = last_split(len(labels), size)
+        else:
+            keep, held = stratified_split(labels, size, dataset.num_classes, data.split_seed + i)
         train.append((images[pool][keep], labels[keep]))
         valid.append((images[pool][held], labels[held]))
     to = lambda parts: tuple(torch.cat(t).to(device) for t in zip(*parts))
     return Splits(train=to(train), valid=to(valid) if dataset.valid_size else None,
                   test=(images["test"].to(device), raw["test"][1].to(device)))
+
+
+def last_split(n: int, size: int):
+    """Indices (kept, held out) with the last `size` of n held out, as the authors' yamls split."""
+    if size > n:
+        raise ConfigError(f"dataset.valid_size={size} is more than the {n} training images; lower it")
+    return torch.arange(n - size), torch.arange(n - size, n)
 
 
 def stratified_split(labels, size: int, num_classes: int, seed: int):

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 def hint_loss(hint, pred, reduction: str = "paper"):
     """Eq. 3: half the squared distance between the teacher's hint and the regressed guided map.
 
-    paper: summed over each example's map, averaged over the batch. code: the authors' HintCost, summed
-    over map rows and averaged over everything else (the same up to a constant factor).
+    code: the authors' HintCost, summed over map rows and averaged over everything else. paper: summed over
+    each example's map, averaged over the batch: C x W times larger, which under RMSProp is not a mere
+    rescaling (see conf/hints/paper.yaml).
     """
     sq = 0.5 * (hint.float() - pred.float()).pow(2)   # in float32 even under bf16 autocast
     if reduction == "paper":

@@ -199,10 +199,13 @@ def make_optimizer(layers: list[nn.Module], regressors, optim: Optim):
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
 
 
-def set_epoch_hyper(opt, optim: Optim, epoch: int) -> float:
-    """Apply the linear LR decay and momentum ramp for `epoch`; return the base LR."""
+def set_hyper(opt, optim: Optim, epoch: int, update: int) -> float:
+    """Apply the LR (linear decay by epoch, exponential by update) and the momentum ramp at this update of
+    the stage; return the base LR."""
     ramp = lambda saturate: min(epoch / saturate, 1.0) if saturate > 0 else 0.0
     lr = optim.lr * (1 - (1 - optim.lr_decay_factor) * ramp(optim.lr_decay_saturate))
+    if optim.lr_exp_decay != 1:
+        lr = max(lr / optim.lr_exp_decay ** update, optim.lr_min)
     momentum = optim.momentum + (optim.momentum_final - optim.momentum) * ramp(optim.momentum_saturate)
     for group in opt.param_groups:
         group["lr"] = lr * group["lr_scale"]
@@ -256,6 +259,11 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
     params = [p for layer in layers for p in layer.parameters()]
     opt = make_optimizer(layers, list(s.regressors.values()), optim)
     x_train, y_train = train
+    per_epoch = len(x_train) // optim.batch_size if optim.drop_last else math.ceil(len(x_train) / optim.batch_size)
+    if per_epoch == 0:
+        raise ConfigError(f"stage {name}: drop_last=true with batch_size {optim.batch_size} leaves no batch of "
+                          f"the {len(x_train)} training images; lower the batch size or set drop_last=false")
+    seen = min(per_epoch * optim.batch_size, len(x_train))   # images trained on per epoch
     aug = optim.augment or s.cfg.dataset.augment
     history, best = [], {"score": math.inf, "epoch": -1, "state": None}
     first_epoch, first_batch, order, sums, correct = 0, 0, None, {}, torch.zeros((), device=s.device)
@@ -273,19 +281,20 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
         console.print(f"{name}: teacher outputs computed once for the {len(x_train)} training images "
                       "(no augmentation); no teacher pass in the training steps")
     stage_task = progress.add_task(name, total=max_epochs, completed=first_epoch, status="")
-    batch_task = progress.add_task("  epoch", total=math.ceil(len(x_train) / optim.batch_size), status="")
+    batch_task = progress.add_task("  epoch", total=per_epoch, status="")
     if at is None:
         s.stages_started += 1
         s.tb.add_text("stages", f"stage {name} starts at epoch {s.step}", s.step)
     position = lambda **where: {"optimizer": opt.state_dict(), "history": history, "best": best, **where}
     for epoch in range(first_epoch, max_epochs):
-        lr = set_epoch_hyper(opt, optim, epoch)
+        lr = set_hyper(opt, optim, epoch, epoch * per_epoch + first_batch)   # set per update below
         lam = lam_at(epoch, s.cfg.recipe.kd) if stage.kind == "kd" else 0.0
         if order is None:
             order = dist.same_order(torch.randperm(len(x_train), device=s.device))
         progress.reset(batch_task, completed=first_batch)
         started = time.perf_counter()
-        for b, batch in enumerate(order.split(optim.batch_size)[first_batch:], first_batch):
+        for b, batch in enumerate(order.split(optim.batch_size)[first_batch:per_epoch], first_batch):
+            lr = set_hyper(opt, optim, epoch, epoch * per_epoch + b)
             if len(batch) < dist.world():   # a last batch too small to give every rank an image
                 continue
             idx = dist.shard(batch)   # this rank's share of the global batch
@@ -310,7 +319,7 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
                                       sums={k: dist.sum_(v) for k, v in sums.items()}))
                 raise Interrupted(f"stage {name}, epoch {epoch}, batch {b + 1}")
         record = {"epoch": epoch, "lr": lr, **({"lam": lam} if stage.kind == "kd" else {})}
-        record.update({f"train_{k}": dist.sum_(v).item() / len(x_train) for k, v in sums.items()})   # syncs
+        record.update({f"train_{k}": dist.sum_(v).item() / seen for k, v in sums.items()})   # syncs
         record["epoch_s"] = time.perf_counter() - started
         for k, v in record.items():
             if k.startswith("train_") and not math.isfinite(v):
@@ -318,7 +327,7 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
                                   "checkpoint is kept; lower the LR (recipe.student.lr / recipe.teacher.lr) "
                                   "or check the teacher checkpoint")
         if stage.kind != "hint":
-            record["train_acc"] = dist.sum_(correct).item() / len(x_train)
+            record["train_acc"] = dist.sum_(correct).item() / seen
         if valid is not None:
             record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid, valid_cache).items()})
             score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
@@ -675,7 +684,8 @@ def train_student(cfg: Config) -> dict:
     def build():
         # Seeded here, so every schedule with the same seed starts from the same student.
         torch.manual_seed(cfg.seed)
-        student = build_net(cfg.student.layers, shape, classes, optim.init_range).to(device)
+        student = build_net(cfg.student.layers, shape, classes, optim.init_range, optim.dropout_input,
+                            optim.dropout).to(device)
         regressors = make_regressors(plans, cfg.hints.regressor_init_range, cfg.hints.regressor_max_norm)
         return Session(maybe_compile(student, cfg), teacher, regressors.to(device), cfg, optim, device, tb)
 
