@@ -34,11 +34,12 @@ from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.config import to_config
-from fitnets_cli.hints import make_regressors, plan_hints
+from fitnets_cli.dist import pick_device
+from fitnets_cli.evaluate import evaluate
+from fitnets_cli.hints import key, make_regressors, plan_hints
 from fitnets_cli.losses import hint_loss, kd_loss
-from fitnets_cli.models import build_net
-from fitnets_cli.train import (Session, autocast, evaluate, make_stages, maybe_compile, pick_device, run_stages,
-                               trained_layers)
+from fitnets_cli.networks import build_network
+from fitnets_cli.train import Session, autocast, make_stages, maybe_compile, run_stages, trained_modules
 
 PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
@@ -51,10 +52,10 @@ def setup(overrides, device, tb_dir):
     with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
         cfg = to_config(compose("train", overrides=overrides))
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
-    teacher = build_net(cfg.teacher.layers, shape, classes, 0.05).to(device).eval().requires_grad_(False)
-    student = build_net(cfg.student.layers, shape, classes, cfg.recipe.student.init_range).to(device)
-    plans = plan_hints(teacher, student, cfg.hints.pairs)
-    regressors = make_regressors(plans, 0.05, 0.9).to(device)
+    teacher = build_network(cfg.teacher, shape, classes, 0.05).to(device).eval().requires_grad_(False)
+    student = build_network(cfg.student, shape, classes, cfg.recipe.student.init_range).to(device)
+    plans = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
+    regressors = make_regressors(plans).to(device)
     teacher, student = maybe_compile(teacher, cfg), maybe_compile(student, cfg)
     s = Session(student, teacher, regressors, cfg, cfg.recipe.student, device, SummaryWriter(tb_dir))
     return s, plans
@@ -68,11 +69,13 @@ def sync(device):
 def floor_step(s, stage, x, y, opt):
     """One bare step: the forward passes the method needs, the loss, backward, optimiser."""
     with autocast(s):
+        tap = stage.plans[0].hint if stage.kind == "hint" else None
         with torch.no_grad():
-            target = s.teacher(x, upto=stage.plans[0].hint if stage.kind == "hint" else None)
+            target = s.teacher.taps(x, [tap])[tap]
         if stage.kind == "hint":
             plan = stage.plans[0]
-            loss = hint_loss(target, s.regressors[plan.guided](s.student(x, upto=plan.guided)))
+            guided = s.student.taps(x, [plan.guided])[plan.guided]
+            loss = hint_loss(target, s.regressors[key(plan.guided)](guided))
         else:
             loss = kd_loss(s.student(x), target, y, 3.0, 4.0)[0]
     opt.zero_grad(set_to_none=True)
@@ -87,7 +90,7 @@ def conventional_loss(s, stage, x, y):
         t = s.teacher.taps(x, [None] + ([plan.hint] if plan else []))
     out = s.student.taps(x, [None] + ([plan.guided] if plan else []))
     if plan:
-        return hint_loss(t[plan.hint], s.regressors[plan.guided](out[plan.guided]))
+        return hint_loss(t[plan.hint], s.regressors[key(plan.guided)](out[plan.guided]))
     return kd_loss(out[None], t[None], y, 3.0, 4.0)[0]
 
 
@@ -116,7 +119,7 @@ def conventional_loader(shape, n, batch, augment):
 
 
 def params_of(s, stage):
-    return [p for layer in trained_layers(s, stage) for p in layer.parameters()]
+    return [p for module in trained_modules(s, stage) for p in module.parameters()]
 
 
 def bench_stage(s, stage, shape, steps, batch, device, full):

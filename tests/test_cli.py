@@ -18,7 +18,7 @@ def test_help_lists_the_commands_and_the_config_groups():
     out = fitnets("--help").stdout
     assert all(c in out for c in ("train-teacher", "train", "eval", "compare"))
     out = fitnets("train", "--help").stdout
-    assert "schedule: backprop, fitnets, hint_joint, kd" in out and "student:" in out
+    assert "schedule: backprop, crd_fitnet, fitnets, hint_joint, kd" in out and "student:" in out
 
 
 def test_cfg_job_prints_the_composed_config():
@@ -31,7 +31,7 @@ def test_teacher_then_fitnet_student_then_eval_and_compare(tiny, tiny_mnist, tmp
     fitnets("train-teacher", *tiny, f"hydra.run.dir={teacher_dir}")
     assert (tmp_path / "teachers" / "maxout-mnist.pt").is_file()
     out = fitnets("train", *tiny, "student=fitnet_mnist", f"hydra.run.dir={student_dir}").stdout
-    assert "hint plan" in out and "4x4x16" in out and "1x1 maxout x2" in out   # guided conv4 -> hint conv2
+    assert "hint plan" in out and "4x4x16" in out and "1x1 conv, maxout x2" in out   # guided conv4 -> hint conv2
     metrics = json.loads((student_dir / "metrics.json").read_text())
     assert [s["name"] for s in metrics["stages"]] == ["hint:conv4<-conv2", "kd"]
     assert [s["epochs"] for s in metrics["stages"]] == [2, 2]

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fitnets_cli.hints import plan_hints
-from fitnets_cli.models import Net
+from fitnets_cli.networks import build_network
 
 from conftest import fitnets, write_tiny_mnist
 
@@ -139,7 +139,8 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
         assert cfg.teacher.auto_train
         if {"hint", "joint"} & set(cfg.schedule.stages):
             shape = cfg.dataset.in_shape
-            plan_hints(Net(cfg.teacher.layers, shape, 10), Net(cfg.student.layers, shape, 10), cfg.hints.pairs)
+            plan_hints(build_network(cfg.teacher, shape, 10), build_network(cfg.student, shape, 10),
+                       cfg.hints.pairs, cfg.hints)
 
 
 def write_svhn(root, rng):

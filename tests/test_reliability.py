@@ -158,7 +158,7 @@ def files_of(path):
     (["recipe.student.max_epochs=0"], "max_epochs must be > 0"),
     (["recipe.student.batch_size=-4"], "batch_size must be > 0"),
     (["recipe.kd.tau=0"], "tau must be > 0"),
-    (["student.guided=conv9"], "guided layer 'conv9' does not exist; layers are: conv1"),
+    (["student.guided=conv9"], "guided layer 'conv9' does not exist; closest: conv1"),
     (["hints.pairs=[{hint: conv1, guided: conv4}]"], "no unpadded regressor can join them"),
     (["teacher_store=/nonexistent/store"], "train one with `fitnets train-teacher teacher=maxout dataset=mnist`"),
     (["data.root=/nonexistent/data"], "data.download=true"),

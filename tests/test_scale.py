@@ -147,6 +147,6 @@ def test_the_slurm_preset_composes_onto_submitit():
 
 
 def test_jobs_of_a_parallel_sweep_spread_over_the_gpus():
-    from fitnets_cli.train import gpu_index
+    from fitnets_cli.dist import gpu_index
     assert [gpu_index(4, job) for job in range(6)] == [0, 1, 2, 3, 0, 1]
     assert gpu_index(4, None) == 0

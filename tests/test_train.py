@@ -3,7 +3,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.config import ConfigError, HintPair
-from fitnets_cli.hints import make_regressors, plan_hints
+from fitnets_cli.hints import make_regressors, plan_hints, regressor_params
 from fitnets_cli.models import build_net
 from fitnets_cli.train import Session, make_stages, run_stages
 
@@ -13,8 +13,8 @@ def mnist_session(make_config, tmp_path, overrides=()):
     torch.manual_seed(0)
     teacher = build_net(cfg.teacher.layers, (1, 28, 28), 10, init_range=0.05).eval().requires_grad_(False)
     student = build_net(cfg.student.layers, (1, 28, 28), 10, init_range=0.05)
-    plans = plan_hints(teacher, student, cfg.hints.pairs)
-    regressors = make_regressors(plans, 0.05, 0.9)
+    plans = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
+    regressors = make_regressors(plans)
     s = Session(student, teacher, regressors, cfg, cfg.recipe.student, torch.device("cpu"), SummaryWriter(tmp_path))
     return s, plans
 
@@ -53,7 +53,7 @@ def test_hand_off_keeps_the_best_stage_one_weights_and_stage_two_trains_the_whol
     assert evaluate_stage(s, make_stages(["hint"], plans)[0], *valid)["hint"] == pytest.approx(min(losses), rel=1e-5)
     student, regressor = snapshot(s.student), snapshot(s.regressors)
     run_stages(s, make_stages(["kd"], plans), random_split(64, 0), None, epochs=[1])
-    assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.names)
+    assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.layers)
     assert not changed(regressor, s.regressors)
 
 
@@ -68,11 +68,11 @@ def test_several_hint_pairs_become_successive_stages_shallowest_first(make_confi
     cfg = make_config("train", ["dataset=cifar10", "student=fitnet4"])
     teacher = build_net(cfg.teacher.layers, (3, 32, 32), 10)
     student = build_net(cfg.student.layers, (3, 32, 32), 10)
-    plans = plan_hints(teacher, student, [HintPair("conv2", "conv11"), HintPair("conv1", "conv5")])
-    assert [(p.guided, p.kernel) for p in plans] == [("conv5", (1, 1)), ("conv11", (2, 2))]
+    plans = plan_hints(teacher, student, [HintPair("conv2", "conv11"), HintPair("conv1", "conv5")], cfg.hints)
+    assert [(p.guided, p.regressor) for p in plans] == [("conv5", "1x1 conv, maxout x2"), ("conv11", "2x2 conv, maxout x2")]
     assert [s.name for s in make_stages(["hint", "kd"], plans)] == ["hint:conv5<-conv1", "hint:conv11<-conv2", "kd"]
     # The paper's FitNet 4 regressor: 2x2 maxout conv, 80 -> 192 x 2 pieces (~123K weights).
-    assert plans[1].regressor_params == 2 * 2 * 80 * 192 * 2 + 192 * 2
+    assert regressor_params(plans[1]) == 2 * 2 * 80 * 192 * 2 + 192 * 2
 
 
 def test_impossible_hint_shapes_and_unknown_layers_stop_with_a_clear_error(make_config):
@@ -80,17 +80,17 @@ def test_impossible_hint_shapes_and_unknown_layers_stop_with_a_clear_error(make_
     teacher = build_net(cfg.teacher.layers, (3, 32, 32), 10)
     student = build_net(cfg.student.layers, (3, 32, 32), 10)
     with pytest.raises(ConfigError, match="larger than the student's"):
-        plan_hints(teacher, student, [HintPair("conv2", "conv11")])
-    with pytest.raises(ConfigError, match="layers are: conv1, conv2"):
-        plan_hints(teacher, student, [HintPair("conv9", "conv11")])
+        plan_hints(teacher, student, [HintPair("conv2", "conv11")], cfg.hints)
+    with pytest.raises(ConfigError, match="hint layer .conv9. does not exist; closest: conv1, conv2, conv3"):
+        plan_hints(teacher, student, [HintPair("conv9", "conv11")], cfg.hints)
     with pytest.raises(ConfigError, match="guided layer 'conv99'"):
-        plan_hints(teacher, student, [HintPair("conv3", "conv99")])
-    with pytest.raises(ConfigError, match="conv layers on both sides"):
-        plan_hints(teacher, student, [HintPair("fc", "conv11")])
+        plan_hints(teacher, student, [HintPair("conv3", "conv99")], cfg.hints)
+    with pytest.raises(ConfigError, match="conv taps on both sides"):
+        plan_hints(teacher, student, [HintPair("fc", "conv11")], cfg.hints)
     with pytest.raises(ConfigError, match="guides a student layer twice"):
-        plan_hints(teacher, student, [HintPair("conv3", "conv11"), HintPair("conv2", "conv11")])
+        plan_hints(teacher, student, [HintPair("conv3", "conv11"), HintPair("conv2", "conv11")], cfg.hints)
     with pytest.raises(ConfigError, match="hints.pairs is empty"):
-        plan_hints(teacher, student, [])
+        plan_hints(teacher, student, [], cfg.hints)
 
 
 def test_identical_shapes_need_no_regressor(make_config, tmp_path):
@@ -101,15 +101,15 @@ def test_identical_shapes_need_no_regressor(make_config, tmp_path):
     from fitnets_cli.config import Layer
     twin = build_net([Layer(name="conv1", kind="conv", out=48, pieces=2, kernel=3, pad=1, pool=2),
                       Layer(name="softmax", kind="softmax")], (3, 32, 32), 10)
-    [plan] = plan_hints(twin, student, [HintPair("conv1", "conv5")])
-    assert plan.regressor_params == 0 and not make_regressors([plan], 0.05, 0.9)
-    assert plan_hints(teacher, student, [HintPair("conv2", "conv11")])[0].regressor_params > 0
+    [plan] = plan_hints(twin, student, [HintPair("conv1", "conv5")], cfg.hints)
+    assert regressor_params(plan) == 0 and not make_regressors([plan])
+    assert regressor_params(plan_hints(teacher, student, [HintPair("conv2", "conv11")], cfg.hints)[0]) > 0
 
 
 def test_joint_stage_trains_the_whole_student_and_the_regressor_together(make_config, tmp_path):
     s, plans = mnist_session(make_config, tmp_path, ["schedule=hint_joint"])
     student, teacher, regressor = snapshot(s.student), snapshot(s.teacher), snapshot(s.regressors)
     [result] = run_stages(s, make_stages(["joint"], plans), random_split(64, 0), None, epochs=[1])
-    assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.names)
+    assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.layers)
     assert changed(regressor, s.regressors) == set(regressor) and not changed(teacher, s.teacher)
     assert {"train_ce", "train_hint", "train_acc"} <= set(result["history"][0])

@@ -1,5 +1,6 @@
-"""Saved models: a checkpoint carries the layer specs and config that made it, so it rebuilds on its own.
-Every output is written to a temporary file and renamed, so a crash never leaves a half-written file."""
+"""Saved models: a checkpoint carries how to build its network again and the config that trained it, so it
+rebuilds on its own. Every output is written to a temporary file and renamed, so a crash never leaves a
+half-written file."""
 
 import json
 import os
@@ -11,10 +12,11 @@ import torch
 from omegaconf import OmegaConf
 
 from fitnets_cli import dist
-from fitnets_cli.config import ConfigError, Dataset, Layer
-from fitnets_cli.models import Net
+from fitnets_cli.config import ConfigError, Dataset
+from fitnets_cli.networks import build_network, network_of
 
-FORMAT = "fitnets-checkpoint-1"
+FORMAT = "fitnets-checkpoint-2"
+FORMATS = ("fitnets-checkpoint-1", FORMAT)   # 1: the paper's maxout networks only, their specs under "layers"
 
 
 def atomic_write(path: Path, write) -> None:
@@ -46,13 +48,13 @@ def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def save_model(path: Path, net: Net, *, role: str, name: str, dataset: Dataset, config: str, metrics: dict,
+def save_model(path: Path, net, *, role: str, name: str, dataset: Dataset, config: str, metrics: dict,
                provenance: dict):
     """Save a teacher or student with everything needed to rebuild and evaluate it, and what made it."""
     payload = {
         "format": FORMAT, "role": role, "name": name,
         "dataset": asdict(dataset), "in_shape": list(net.in_shape), "num_classes": net.num_classes,
-        "layers": [asdict(s) for s in net.specs], "state_dict": net.state_dict(),
+        "network": net.build_spec, "state_dict": net.state_dict(),
         "config": config, "metrics": metrics, "provenance": provenance,
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -68,16 +70,19 @@ def load_payload(path) -> dict:
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise ConfigError(f"checkpoint {path} is corrupted or not a fitnets checkpoint "
                           f"({str(err).splitlines()[0][:120]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a fitnets checkpoint (expected format {FORMAT})")
+    if not isinstance(payload, dict) or payload.get("format") not in FORMATS:
+        raise ConfigError(f"{path} is not a fitnets checkpoint (expected format {FORMAT}); for a plain "
+                          "state_dict trained elsewhere, use teacher.weights=PATH")
+    if "network" not in payload:
+        payload["network"] = {"name": payload["name"], "layers": payload["layers"], "arch": None,
+                              "_target_": None, "kwargs": {}}
     return payload
 
 
-def load_model(path, device) -> tuple[Net, dict]:
+def load_model(path, device):
     """Rebuild the saved network, load its weights, and return it with the checkpoint's payload."""
     payload = load_payload(path)
-    layers = [Layer(**spec) for spec in payload["layers"]]
-    net = Net(layers, payload["in_shape"], payload["num_classes"])
+    net = build_network(network_of(payload["network"]), payload["in_shape"], payload["num_classes"])
     net.load_state_dict(payload["state_dict"])
     return net.to(device), payload
 
@@ -85,3 +90,12 @@ def load_model(path, device) -> tuple[Net, dict]:
 def saved_dataset(payload) -> Dataset:
     """The dataset config a checkpoint was trained with."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Dataset), payload["dataset"]))
+
+
+def holds(run_dir: Path) -> str | None:
+    """What an output directory already holds that must not be trained over, if anything."""
+    if (run_dir / "metrics.json").exists():
+        return "a finished run, which is never overwritten"
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return "an interrupted run"
+    return None

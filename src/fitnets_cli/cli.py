@@ -1,7 +1,6 @@
 """The `fitnets` entry point: `fitnets COMMAND [hydra overrides...]`."""
 
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -14,12 +13,15 @@ from omegaconf.errors import OmegaConfBaseException
 from fitnets_cli.config import ConfigError, to_config
 from fitnets_cli.ui import console, errors
 
-# command -> (primary config in conf/, what it does)
+# command -> (primary config in conf/, what it does, module:function that runs it)
 COMMANDS = {
-    "train-teacher": ("train_teacher", "train a teacher by backprop and store it for `train`"),
-    "train": ("train", "train a student: hints (stage 1) then KD (stage 2), or another schedule"),
-    "eval": ("eval", "test accuracy and loss of a saved model: checkpoint=PATH"),
-    "compare": ("compare", "params, multiplications and accuracy of students against their teacher"),
+    "train-teacher": ("train_teacher", "train a teacher by backprop and store it for `train`", "train:command"),
+    "train": ("train", "train a student: hints (stage 1) then KD (stage 2), or another schedule", "train:command"),
+    "eval": ("eval", "test accuracy and loss of a saved model: checkpoint=PATH", "evaluate:eval_command"),
+    "compare": ("compare", "params, multiplications and accuracy of students against their teacher",
+                "compare:compare_command"),
+    "layers": ("layers", "each network's tap points and shapes, the default hint pair and the hint plan",
+               "layers:layers_command"),
 }
 
 USAGE = """usage: fitnets COMMAND [OVERRIDES...] [--help] [--cfg job] [-m]
@@ -93,7 +95,7 @@ def precheck(command: str, args: list[str]) -> list[str]:
                  "directory of the run to continue")
         # The run continues in its own directory; Hydra must not write a new .hydra/ over the original.
         return args + [f"hydra.run.dir={config.resume}", "hydra.output_subdir=null"]
-    from fitnets_cli.train import holds   # torch loads here, only once the arguments are known to be good
+    from fitnets_cli.checkpoint import holds   # torch loads here, only once the arguments are known to be good
     if not multirun and holds(out):
         fail(f"{out} holds {holds(out)}; pass another hydra.run.dir (or resume={out})")
     try:
@@ -144,17 +146,11 @@ def fail(message: str) -> None:
 def task(cfg: DictConfig):
     """One Hydra job: run the command its config names. (Module-level, so that launchers that run jobs in
     other processes, such as joblib, can pickle it.)"""
-    from fitnets_cli import compare, evaluate, train   # torch loads here, after Hydra parsed the args
+    import importlib   # torch loads with these modules, after Hydra parsed the args
 
-    run = {"train-teacher": train.train_teacher, "train": train.train_student,
-           "eval": evaluate.eval_command, "compare": compare.compare_command}[cfg.command]
+    module, function = COMMANDS[cfg.command][2].split(":")
     try:
-        return run(to_config(cfg))
-    except train.AlreadyFinished as done:
-        console.print(str(done))
-    except train.Interrupted as stopped:
-        errors.print(f"stopped by {stopped}")
-        sys.exit(128 + (train.STOP or [signal.SIGTERM])[0])   # empty: another torchrun rank was signalled
+        return getattr(importlib.import_module(f"fitnets_cli.{module}"), function)(to_config(cfg))
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was trained")
     except (ConfigError, OmegaConfBaseException) as err:
@@ -168,7 +164,7 @@ def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
         width = max(map(len, COMMANDS))
-        print(USAGE.format(commands="\n".join(f"  {c:<{width}}  {d}" for c, (_, d) in COMMANDS.items())))
+        print(USAGE.format(commands="\n".join(f"  {c:<{width}}  {d}" for c, (_, d, _) in COMMANDS.items())))
         return
     command = args[0]
     if command not in COMMANDS:

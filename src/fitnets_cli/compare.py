@@ -8,6 +8,7 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -16,9 +17,9 @@ from omegaconf import OmegaConf
 from rich.table import Table
 
 from fitnets_cli.checkpoint import load_payload, write_text
-from fitnets_cli.config import ConfigError, Config, Layer, Student
-from fitnets_cli.models import Net, count
-from fitnets_cli.train import pick_device
+from fitnets_cli.config import ConfigError, Config, Student
+from fitnets_cli.dist import pick_device
+from fitnets_cli.networks import build_network, count, network_of
 from fitnets_cli.ui import console, errors
 
 # key -> column header. Accuracies are in percent; gaps are percentage points.
@@ -100,12 +101,13 @@ def _mean_std(values):
 def group_row(group: list[dict], counting: str) -> dict:
     """One table row for runs that differ only by seed: accuracy mean and sample std over seeds."""
     m, arch = group[0]["metrics"], group[0]["arch"]
-    layers = [Layer(**spec) for spec in arch["layers"]]
+    network = network_of(arch["network"])
     acc = _mean_std([100 * r["metrics"]["test"]["acc"] for r in group])
     last = _mean_std([100 * r["metrics"].get("test_last", r["metrics"]["test"])["acc"] for r in group])
     return {"model": m["model"], "role": m["role"], "schedule": m["schedule"] if m["role"] == "student" else "",
             "dataset": m["dataset"], "seeds": len(group),
-            **count(layers, arch["in_shape"], arch["num_classes"], counting), "arch": (layers, arch["in_shape"], arch["num_classes"]),
+            **count(network, arch["in_shape"], arch["num_classes"], counting),
+            "arch": (network, arch["in_shape"], arch["num_classes"]),
             "test_acc": acc[0], "test_acc_std": acc[1], "test_acc_last": last[0], "test_acc_last_std": last[1],
             "runs": [str(r["dir"]) for r in group], "identity": _identity(group[0])}
 
@@ -127,12 +129,12 @@ def arch_rows(cfg: Config) -> list[dict]:
     """Rows for the configured teacher and students, before any training."""
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     rows = [{"model": cfg.teacher.name, "role": "teacher", "schedule": "", "dataset": cfg.dataset.name,
-             "layers_spec": cfg.teacher.layers}]
+             "network": cfg.teacher}]
     rows += [{"model": name, "role": "student", "schedule": "", "dataset": cfg.dataset.name,
-              "layers_spec": load_student(name).layers} for name in cfg.students or cfg.dataset.students]
+              "network": load_student(name)} for name in cfg.students or cfg.dataset.students]
     for r in rows:
-        layers = r.pop("layers_spec")
-        r.update(count(layers, shape, classes, cfg.counting), arch=(layers, shape, classes))
+        network = r.pop("network")
+        r.update(count(network, shape, classes, cfg.counting), arch=(network, shape, classes))
     return rows
 
 
@@ -140,10 +142,10 @@ def measure_latency(rows: list[dict], speed, device) -> None:
     """Median batched inference latency (ms) of each row's architecture, after warm-up."""
     cache = {}
     for r in rows:
-        layers, shape, classes = r["arch"]
-        key = json.dumps([[vars(l) for l in layers], list(shape), classes])
+        network, shape, classes = r["arch"]
+        key = json.dumps([repr(network), list(shape), classes])
         if key not in cache:
-            net = Net(layers, shape, classes).to(device).eval()
+            net = build_network(replace(network, weights=None), shape, classes).to(device).eval()
             x = torch.randn(speed.batch_size, *shape, device=device)
             times = []
             with torch.no_grad():

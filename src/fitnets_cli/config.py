@@ -1,7 +1,7 @@
 """Typed config schema. Hydra merges the YAML in conf/ into these dataclasses, so an unknown key or a
 wrong type fails at composition; `__post_init__` checks (run by `to_config`) catch bad values."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -47,20 +47,40 @@ class TeacherVariant:
 
 
 @dataclass
-class Teacher:
+class Network:
+    """Where a teacher or student comes from: exactly one of `layers` (the paper's maxout networks, as
+    data), `arch` (a torchvision.models builder) or `_target_` (any nn.Module class or factory)."""
     name: str = MISSING
-    hint: str = MISSING                 # the paper's hint layer for this teacher
-    layers: List[Layer] = MISSING
+    layers: List[Layer] = field(default_factory=list)
+    arch: Optional[str] = None          # torchvision.models.<arch>(num_classes=..., weights=None, **kwargs)
+    _target_: Optional[str] = None      # dotted path, called with kwargs (and num_classes if it takes it)
+    kwargs: Dict[str, Any] = field(default_factory=dict)   # +teacher.KEY=VALUE lands here too
+    weights: Optional[str] = None       # a state_dict file loaded into the network after building it
+
+    def __post_init__(self):
+        given = [k for k in ("layers", "arch", "_target_") if getattr(self, k)]
+        _require(len(given) == 1, f"network {self.name!r} sets {' and '.join(given) or 'none'} of layers (the "
+                 "paper's maxout nets), arch (torchvision) and _target_ (your nn.Module); set exactly one, "
+                 "e.g. teacher=torchvision teacher.arch=resnet18 or teacher=module teacher._target_=pkg.Net")
+        _require(not (self.layers and self.kwargs), f"network {self.name!r}: keyword arguments "
+                 f"{sorted(self.kwargs)} apply to arch or _target_ networks, not to maxout layers")
+
+    @property
+    def source(self) -> str:
+        return "maxout" if self.layers else "torchvision" if self.arch else "module"
+
+
+@dataclass
+class Teacher(Network):
+    hint: Optional[str] = None          # the default hint tap; None: chosen by the rule in hints.default_tap
     checkpoint: Optional[str] = None    # None: the teacher store's entry for this teacher and dataset
     auto_train: bool = False            # train: with no checkpoint, train the teacher first (in <run>/teacher)
     variants: Dict[str, TeacherVariant] = field(default_factory=dict)
 
 
 @dataclass
-class Student:
-    name: str = MISSING
-    guided: str = MISSING               # the paper's guided layer for this student
-    layers: List[Layer] = MISSING
+class Student(Network):
+    guided: Optional[str] = None        # the default guided tap; None: chosen by the rule in hints.default_tap
 
 
 @dataclass
@@ -112,8 +132,8 @@ class Optim:
     conv_lr_scale: float = 1.0          # LR multiplier of conv layers
     rms_decay: float = 0.9
     rms_eps: float = 1e-5
-    momentum: float = 0.0               # SGD: momentum at epoch 0 ...
-    momentum_final: float = 0.0         # ... rising linearly to this by momentum_saturate
+    momentum: float = 0.0               # SGD: momentum at epoch 0 (all along when momentum_final is 0) ...
+    momentum_final: float = 0.0         # ... moving linearly to this by momentum_saturate
     momentum_saturate: int = 0
     lr_decay_factor: float = 1.0        # LR falls linearly to lr * factor by lr_decay_saturate
     lr_decay_saturate: int = 0
@@ -140,12 +160,14 @@ class Optim:
                  "momentum / momentum_final apply to optimizer=sgd only; set them to 0 with rmsprop")
         _require(self.lr_decay_factor == 1 or self.lr_decay_saturate > 0,
                  "lr_decay_factor needs lr_decay_saturate > 0 (the epoch at which the decay ends)")
-        _require(self.momentum == self.momentum_final or self.momentum_saturate > 0,
+        _require(self.momentum_final == 0 or self.momentum_saturate > 0,
                  "momentum_final needs momentum_saturate > 0 (the epoch at which it is reached)")
 
 
 @dataclass
 class KD:
+    form: str = "paper"                 # paper: CE + lam * soft CE; hinton: ce_weight * CE + lam * tau^2 * KL
+    ce_weight: float = 1.0              # the weight of the hard-label cross-entropy
     tau: float = 3.0
     lam_start: float = 4.0
     lam_end: float = 1.0
@@ -153,6 +175,7 @@ class KD:
     lam_end_epoch: int = 499            # ... and reaches lam_end at this one, linearly
 
     def __post_init__(self):
+        _one_of(self.form, ("paper", "hinton"), "recipe.kd.form")
         _require(self.tau > 0, f"recipe.kd.tau must be > 0, got {self.tau}")
         _require(self.lam_end_epoch >= self.lam_start_epoch >= 0,
                  "recipe.kd needs 0 <= lam_start_epoch <= lam_end_epoch")
@@ -168,26 +191,28 @@ class Recipe:
 
 @dataclass
 class HintPair:
-    hint: str = MISSING                 # teacher layer
-    guided: str = MISSING               # student layer
+    hint: Optional[str] = None          # teacher tap; None: the teacher's default
+    guided: Optional[str] = None        # student tap; None: the student's default
 
 
 @dataclass
 class Hints:
     pairs: List[HintPair] = MISSING
-    reduction: str = "paper"            # paper | code
-    regressor_init_range: float = 0.05
-    regressor_max_norm: float = 0.9
+    reduction: str = "code"             # code | paper | mse (see conf/hints/paper.yaml)
+    regressor: str = "paper"            # paper | conv_bn | 1x1 (see conf/hints/paper.yaml)
+    regressor_init_range: float = 0.05  # paper regressor only: U(-r, r) init ...
+    regressor_max_norm: float = 0.9     # ... and max kernel norm (0: none)
 
     def __post_init__(self):
-        _one_of(self.reduction, ("paper", "code"), "hints.reduction")
+        _one_of(self.reduction, ("code", "paper", "mse"), "hints.reduction")
+        _one_of(self.regressor, ("paper", "conv_bn", "1x1"), "hints.regressor")
 
 
 @dataclass
 class Schedule:
     name: str = MISSING
     stages: List[str] = MISSING         # hint | kd | ce | joint, run in order
-    hint_weight: float = 1.0            # joint stage only
+    hint_weight: float = 1.0            # joint stage: ce + hint_weight * hint loss
 
     def __post_init__(self):
         for stage in self.stages:
@@ -253,5 +278,12 @@ ConfigStore.instance().store(name="schema", node=Config)
 
 
 def to_config(cfg: DictConfig) -> Config:
-    """Resolve the composed config into typed dataclasses, running their value checks."""
+    """Resolve the composed config into typed dataclasses, running their value checks. Keys that Hydra's
+    `+teacher.KEY=VALUE` added to a network become its keyword arguments (Hydra's _target_ convention)."""
+    for role, schema in (("teacher", Teacher), ("student", Student)):
+        known = {f.name for f in fields(schema)}
+        if cfg.get(role) is not None and set(cfg[role]) - known:
+            node = OmegaConf.to_container(cfg[role], resolve=True)
+            node["kwargs"].update({k: node.pop(k) for k in set(node) - known})
+            cfg[role] = OmegaConf.merge(OmegaConf.structured(schema), node)
     return OmegaConf.to_object(cfg)

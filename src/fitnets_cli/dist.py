@@ -1,4 +1,5 @@
-"""Data parallelism over the processes of one torchrun job (`torchrun --nproc_per_node=N -m fitnets_cli ...`).
+"""The device of each process, and data parallelism over the processes of one torchrun job
+(`torchrun --nproc_per_node=N -m fitnets_cli ...`).
 
 Every rank holds the whole dataset on its device and trains on its share of each global batch; gradients,
 metrics and the stop signal are reduced across ranks, and only rank 0 writes files. Outside torchrun (or
@@ -10,6 +11,10 @@ import os
 
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from fitnets_cli.config import ConfigError
 
 
 def world() -> int:
@@ -93,3 +98,22 @@ def share(obj):
     box = [obj]
     dist.broadcast_object_list(box, 0)
     return box[0]
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: CUDA when available, else CPU. `cuda` picks this process's GPU (see gpu_index)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        job = HydraConfig.get().job.num if HydraConfig.initialized() and \
+            HydraConfig.get().mode == RunMode.MULTIRUN else None
+        return torch.device("cuda", gpu_index(torch.cuda.device_count(), job))
+    return torch.device("cpu" if name == "auto" else name)
+
+
+def gpu_index(gpus: int, job: int | None) -> int:
+    """The GPU of this process: its torchrun local rank; in a multirun, its job number modulo the GPUs,
+    so the jobs of a parallel launcher (hydra/launcher=joblib) spread over them; else the first."""
+    if launched():
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    return job % gpus if job is not None else 0

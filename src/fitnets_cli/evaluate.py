@@ -1,19 +1,39 @@
-"""`fitnets eval`: test accuracy and loss of any saved teacher or student."""
+"""Scoring a network on a split, and `fitnets eval`: test accuracy and loss of any saved teacher or student."""
 
+import torch
+import torch.nn.functional as F
 from rich.table import Table
 
+from fitnets_cli import dist
 from fitnets_cli.checkpoint import load_model, saved_dataset
 from fitnets_cli.config import ConfigError, Config
-from fitnets_cli.data import load_data
-from fitnets_cli.train import evaluate, pick_device
+from fitnets_cli.data import batches, load_data
 from fitnets_cli.ui import console
+
+
+@torch.no_grad()
+def evaluate(net, x, y, batch_size: int = 1000) -> dict:
+    """Cross-entropy, accuracy and error of `net` on (x, y), in eval mode."""
+    was_training = net.training
+    net.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for idx in batches(len(x), batch_size, x.device, shuffle=False):
+        idx = dist.shard(idx)
+        logits = net(x[idx])
+        loss += F.cross_entropy(logits, y[idx], reduction="sum")
+        correct += (logits.argmax(1) == y[idx]).sum()
+    net.train(was_training)
+    loss, correct = dist.sum_(loss), dist.sum_(correct)
+    acc = correct.item() / len(x)
+    return {"loss": loss.item() / len(x), "acc": acc, "error": 1 - acc}
 
 
 def eval_command(cfg: Config) -> dict:
     """Evaluate checkpoint=PATH on the test set of its dataset (or of dataset=NAME)."""
     if not cfg.checkpoint:
         raise ConfigError("eval needs checkpoint=PATH (a run's checkpoints/student.pt or teacher.pt)")
-    device = pick_device(cfg.device)
+    device = dist.pick_device(cfg.device)
     net, payload = load_model(cfg.checkpoint, device)
     dataset = cfg.dataset or saved_dataset(payload)
     if tuple(dataset.in_shape) != net.in_shape or dataset.num_classes != net.num_classes:

@@ -1,4 +1,13 @@
-"""The hint plan: which teacher (hint) layer guides which student (guided) layer, through which regressor."""
+"""The hint plan: which teacher (hint) tap guides which student (guided) tap, through which regressor.
+
+Regressors (hints.regressor):
+  paper    a conv with no padding whose kernel is guided size - hint size + 1 (paper section 2.2), with the
+           hint tap's non-linearity (a maxout conv with its pieces for the paper's teachers, as the authors'
+           generateConvRegressor); none when the shapes are equal, as in the authors' code
+  conv_bn  the CRD benchmark's ConvReg: conv + batch norm + ReLU; a stride-2 3x3 conv when the student's map
+           is twice the teacher's, a stride-2 4x4 transposed conv when half, else a kernel from the shapes
+  1x1      a 1x1 conv, for maps of the same size
+"""
 
 from dataclasses import dataclass
 
@@ -6,7 +15,8 @@ from rich.table import Table
 from torch import nn
 
 from fitnets_cli.config import ConfigError, Layer
-from fitnets_cli.models import MaxoutLayer, Net, init_uniform
+from fitnets_cli.models import MaxoutLayer, init_uniform
+from fitnets_cli.networks import check_tap
 
 
 @dataclass
@@ -15,69 +25,114 @@ class HintPlan:
     guided: str
     hint_shape: tuple
     guided_shape: tuple
-    kernel: tuple          # regressor kernel (kh, kw) = guided size - hint size + 1
-    pieces: int            # the hint layer's maxout pieces: the regressor has the same non-linearity
-    regressor_params: int  # 0: the shapes match and the guided map is compared to the hint directly
-
-    @property
-    def name(self) -> str:
-        return f"hint:{self.guided}<-{self.hint}"
+    regressor: str          # what joins them, in words; "none" when the guided map is compared directly
+    make: object            # () -> the regressor module, or None
 
 
-def plan_hints(teacher: Net, student: Net, pairs) -> list[HintPlan]:
-    """Check every hint/guided pair and size its convolutional regressor; shallowest guided layer first."""
+def default_tap(net) -> str:
+    """The tap hints use when none is named: the output of the second group of blocks where the network has
+    groups (the CRD benchmark's habit: ResNet `layer2`), else the paper's middle layer: the middle one of the
+    network's module-level taps that output a map."""
+    if len(net.groups) >= 2:
+        return net.groups[1]
+    maps = [t for t in net.blocks if len(net.shapes[t]) == 3]
+    if not maps:
+        raise ConfigError("the network has no tap that outputs a (C, H, W) map to give or take a hint; "
+                          "name one in hints.pairs")
+    return maps[(len(maps) - 1) // 2]
+
+
+def plan_hints(teacher, student, pairs, hints) -> list[HintPlan]:
+    """Check every hint/guided pair and size its regressor; shallowest guided tap first. A pair's missing
+    side takes that network's default tap."""
     if not pairs:
         raise ConfigError("hints.pairs is empty but the schedule has a hint stage; name at least one pair "
                           "or use schedule=kd")
-    guided = [p.guided for p in pairs]
+    named = [(p.hint or default_tap(teacher), p.guided or default_tap(student)) for p in pairs]
+    guided = [g for _, g in named]
     if len(set(guided)) != len(guided):
         raise ConfigError(f"hints.pairs guides a student layer twice ({', '.join(guided)}); one hint per guided layer")
     plans = []
-    for pair in pairs:
-        teacher.check_layer(pair.hint, "hint")
-        student.check_layer(pair.guided, "guided")
-        hint_shape, guided_shape = teacher.shapes[pair.hint], student.shapes[pair.guided]
-        where = f"hint {pair.hint} {_fmt(hint_shape)} <- guided {pair.guided} {_fmt(guided_shape)}"
-        if len(hint_shape) != 3 or len(guided_shape) != 3:
-            raise ConfigError(f"{where}: the convolutional regressor needs conv layers on both sides")
-        kernel = (guided_shape[1] - hint_shape[1] + 1, guided_shape[2] - hint_shape[2] + 1)
-        if kernel[0] != kernel[1]:
-            raise ConfigError(f"{where}: the regressor needs square maps on both sides")
-        if min(kernel) < 1:
-            raise ConfigError(f"{where}: the teacher's map is larger than the student's, so no unpadded "
-                              "regressor can join them; pick a deeper hint layer or a shallower guided layer")
-        pieces = teacher.layers[pair.hint].spec.pieces
-        # As the authors' code: identical shapes need no regressor.
-        params = 0 if hint_shape == guided_shape else (kernel[0] * kernel[1] * guided_shape[0] + 1) * hint_shape[0] * pieces
-        plans.append(HintPlan(pair.hint, pair.guided, hint_shape, guided_shape, kernel, pieces, params))
-    order = student.names
+    for hint, guided in named:
+        check_tap(teacher, hint, "hint")
+        check_tap(student, guided, "guided")
+        plans.append(plan(hint, guided, teacher, student.shapes[guided], hints))
+    order = list(student.shapes)
     return sorted(plans, key=lambda p: order.index(p.guided))
 
 
-def make_regressors(plans: list[HintPlan], init_range: float, max_norm: float) -> nn.ModuleDict:
-    """guided layer name -> regressor, for the pairs whose shapes differ."""
-    return nn.ModuleDict({p.guided: make_regressor(p, init_range, max_norm) for p in plans if p.regressor_params})
+def plan(hint: str, guided: str, teacher, guided_shape: tuple, hints) -> HintPlan:
+    """The regressor that maps the guided tap's output onto the hint's, or a one-line error naming both."""
+    hint_shape = teacher.shapes[hint]
+    where = f"hint {hint} {fmt(hint_shape)} <- guided {guided} {fmt(guided_shape)}"
+    if len(hint_shape) != 3 or len(guided_shape) != 3:
+        raise ConfigError(f"{where}: regressors join (C, H, W) maps; pick conv taps on both sides")
+    (t_c, t_h, t_w), (s_c, s_h, s_w) = hint_shape, guided_shape
+    kernel = (s_h - t_h + 1, s_w - t_w + 1)
+    kind = hints.regressor
+    if kind == "paper":
+        if min(kernel) < 1:
+            raise ConfigError(f"{where}: the teacher's map is larger than the student's, so no unpadded regressor "
+                              "can join them; pick a deeper hint or a shallower guided layer, or hints.regressor=conv_bn")
+        if hint_shape == guided_shape:   # as the authors' code: identical shapes need no regressor
+            return HintPlan(hint, guided, hint_shape, guided_shape, "none (same shape)", None)
+        act, pieces = teacher.nonlinearity(hint)
+        if act == "maxout" and kernel[0] != kernel[1]:
+            raise ConfigError(f"{where}: the maxout regressor needs square maps on both sides")
+
+        def make():
+            if act == "maxout":
+                spec = Layer(name="regressor", kind="conv", out=t_c, pieces=pieces, kernel=kernel[0],
+                             max_norm=hints.regressor_max_norm)
+                regressor = MaxoutLayer(spec, s_c)
+            else:
+                regressor = nn.Sequential(nn.Conv2d(s_c, t_c, kernel), *([nn.ReLU()] if act == "relu" else []))
+            init_uniform(regressor, hints.regressor_init_range)
+            return regressor
+        what = f"{kernel[0]}x{kernel[1]} conv" + (f", maxout x{pieces}" if act == "maxout" else f", {act}")
+        return HintPlan(hint, guided, hint_shape, guided_shape, what, make)
+    if kind == "1x1":
+        if (s_h, s_w) != (t_h, t_w):
+            raise ConfigError(f"{where}: hints.regressor=1x1 needs maps of the same size; use conv_bn or paper")
+        return HintPlan(hint, guided, hint_shape, guided_shape, "1x1 conv", lambda: nn.Conv2d(s_c, t_c, 1))
+    if s_h == 2 * t_h and s_w == 2 * t_w:
+        conv, what = (lambda: nn.Conv2d(s_c, t_c, 3, stride=2, padding=1)), "3x3 stride-2 conv"
+    elif 2 * s_h == t_h and 2 * s_w == t_w:
+        conv, what = (lambda: nn.ConvTranspose2d(s_c, t_c, 4, stride=2, padding=1)), "4x4 stride-2 transposed conv"
+    elif min(kernel) >= 1:
+        conv, what = (lambda: nn.Conv2d(s_c, t_c, kernel)), f"{kernel[0]}x{kernel[1]} conv"
+    else:
+        raise ConfigError(f"{where}: no conv_bn regressor joins a student map smaller than the teacher's unless "
+                          "it is exactly half; pick other layers")
+    return HintPlan(hint, guided, hint_shape, guided_shape, what + " + BN + ReLU",
+                    lambda: nn.Sequential(conv(), nn.BatchNorm2d(t_c), nn.ReLU()))
 
 
-def make_regressor(plan: HintPlan, init_range: float, max_norm: float) -> MaxoutLayer:
-    """A maxout conv from the guided map to the hint map: same pieces as the hint layer, no padding."""
-    spec = Layer(name="regressor", kind="conv", out=plan.hint_shape[0], pieces=plan.pieces,
-                 kernel=plan.kernel[0], max_norm=max_norm)
-    regressor = MaxoutLayer(spec, plan.guided_shape[0])
-    init_uniform(regressor, init_range)
-    return regressor
+def make_regressors(plans: list[HintPlan]) -> nn.ModuleDict:
+    """guided tap -> regressor, for the pairs that need one."""
+    return nn.ModuleDict({key(p.guided): p.make() for p in plans if p.make})
+
+
+def key(tap: str) -> str:
+    """A tap name as a ModuleDict key (which may not contain dots)."""
+    return tap.replace(".", ":")
+
+
+def regressor_params(p: HintPlan) -> int:
+    """The regressor's parameter count (0 without one)."""
+    return sum(t.numel() for t in p.make().parameters()) if p.make else 0
 
 
 def plan_table(plans: list[HintPlan]) -> Table:
     """The hint plan as a rich table, printed when a run starts."""
     table = Table(title="hint plan")
-    for col in ("guided (student)", "shape", "hint (teacher)", "shape", "regressor kernel", "regressor params"):
+    for col in ("guided (student)", "shape", "hint (teacher)", "shape", "regressor", "regressor params"):
         table.add_column(col)
     for p in plans:
-        kernel = f"{p.kernel[0]}x{p.kernel[1]} maxout x{p.pieces}" if p.regressor_params else "none (same shape)"
-        table.add_row(p.guided, _fmt(p.guided_shape), p.hint, _fmt(p.hint_shape), kernel, f"{p.regressor_params:,}")
+        table.add_row(p.guided, fmt(p.guided_shape), p.hint, fmt(p.hint_shape), p.regressor, f"{regressor_params(p):,}")
     return table
 
 
-def _fmt(shape) -> str:
+def fmt(shape) -> str:
+    """A shape as HxWxC (maps) or units."""
     return "x".join(str(s) for s in (shape[1:] + shape[:1] if len(shape) == 3 else shape))

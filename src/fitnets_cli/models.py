@@ -1,5 +1,5 @@
-"""Networks built from per-layer specs: maxout conv / maxout FC / softmax layers, named so hints can
-refer to them, with forward passes that stop at a named layer."""
+"""The paper's networks, built from per-layer specs: maxout conv / maxout FC / softmax layers, named so hints
+can refer to them. `Net` implements the network seam (networks.py) directly: its taps are its layers."""
 
 import math
 from dataclasses import replace
@@ -7,7 +7,6 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from fitnets_cli.config import ConfigError, Layer
 
@@ -60,6 +59,12 @@ class MaxoutLayer(nn.Module):
             self.map = nn.Linear(in_channels, spec.out * pieces)
         self.pieces = pieces
 
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """Clip each filter's / unit's weight norm to max_norm (pylearn2's norm constraints); run after updates."""
+        if self.spec.max_norm > 0:
+            self.map.weight.copy_(self.map.weight.renorm(2, 0, self.spec.max_norm))
+
     def forward(self, x):
         if self.spec.kind != "conv":
             x = x.flatten(1)
@@ -81,7 +86,7 @@ class MaxoutLayer(nn.Module):
 
 
 class Net(nn.Module):
-    """A feed-forward stack of named maxout layers; `forward(x, upto=name)` stops after that layer."""
+    """A feed-forward stack of named maxout layers; each layer's output is a tap."""
 
     def __init__(self, specs: list[Layer], in_shape, num_classes: int, dropout_input=0.0, dropout=0.0):
         super().__init__()
@@ -111,56 +116,42 @@ class Net(nn.Module):
                 shape = tuple(x.shape[1:])
                 self.layers[spec.name] = layer
                 self.shapes[spec.name] = shape
+        self.blocks = list(self.layers)   # the default-tap rule takes the middle of these ...
+        self.groups = []                  # ... as the paper does: a maxout net has no groups of blocks
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.layers)
-
-    def check_layer(self, name: str, role: str) -> None:
-        """Raise a one-line error naming the valid layers when `name` is not one of them."""
-        if name not in self.layers:
-            raise ConfigError(f"{role} layer {name!r} does not exist; layers are: {', '.join(self.names)}")
-
-    def outputs(self, x):
-        """Yield (layer name, output) through the network."""
-        for name, layer in self.layers.items():
+    def forward(self, x):
+        for layer in self.layers.values():
             x = layer(x)
-            yield name, x
-
-    def forward(self, x, upto: str | None = None):
-        for name, x in self.outputs(x):
-            if name == upto:
-                break
         return x
 
     def taps(self, x, names) -> dict:
         """{name: output} of the named layers (None: the logits), running only as deep as they need."""
         names = set(names)
-        depth = max(len(self.layers) - 1 if n is None else self.names.index(n) for n in names)
+        order = list(self.layers)
+        depth = max(len(order) - 1 if n is None else order.index(n) for n in names)
         out = {}
-        for i, (name, x) in enumerate(self.outputs(x)):
+        for name in order[: depth + 1]:
+            x = self.layers[name](x)
             if name in names:
                 out[name] = x
-            if i == depth:
-                break
         if None in names:
             out[None] = x
         return out
 
-    def upto(self, name: str) -> list[nn.Module]:
+    def depends(self, name: str) -> list[nn.Module]:
         """The layers up to and including `name`: what a hint stage trains."""
-        names = self.names
-        return [self.layers[n] for n in names[: names.index(name) + 1]]
+        order = list(self.layers)
+        return [self.layers[n] for n in order[: order.index(name) + 1]]
 
+    def nonlinearity(self, name: str) -> tuple[str, int]:
+        """The tap's non-linearity, which the paper's regressor copies: maxout and its pieces."""
+        pieces = self.layers[name].pieces
+        return ("maxout", pieces) if pieces > 1 else ("linear", 1)
 
-
-@torch.no_grad()
-def apply_max_norm(layers) -> None:
-    """Clip each filter's / unit's weight norm to its layer's max_norm (pylearn2's norm constraints)."""
-    for layer in layers:
-        if layer.spec.max_norm > 0:
-            w = layer.map.weight
-            w.copy_(w.renorm(2, 0, layer.spec.max_norm))
+    def compile(self, **kwargs) -> None:
+        """torch.compile each layer, so every path through the net (up to any tap, or all of it) runs compiled."""
+        for layer in self.layers.values():
+            layer.compile(**kwargs)
 
 
 def init_uniform(module: nn.Module, init_range: float) -> None:
@@ -178,18 +169,6 @@ def build_net(specs, in_shape, num_classes, init_range=0.005, dropout_input=0.0,
     return net
 
 
-def count(specs, in_shape, num_classes, counting: str = "actual") -> dict:
-    """Layers, parameters, multiplications and FLOPs of one image's forward pass.
-
-    Multiplications and FLOPs come from torch.utils.flop_counter (FLOPs = 2 x multiply-adds; the maxout
-    max and the pooling are comparisons, not counted). counting='paper' counts as the paper did (spec 2.8):
-    weights only, and the FC maxout layer as 2 pieces.
-    """
-    if counting == "paper":
-        specs = [replace(s, pieces=min(s.pieces, 2)) if s.kind == "fc" else s for s in specs]
-    net = Net(specs, in_shape, num_classes).eval()
-    params = sum(p.numel() for n, p in net.named_parameters() if counting == "actual" or n.endswith("weight"))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(torch.zeros(1, *in_shape))
-    flops = counter.get_total_flops()
-    return {"layers": len(net.specs), "params": params, "mults": flops // 2, "flops": flops}
+def paper_specs(specs: list[Layer]) -> list[Layer]:
+    """The specs as the paper counted them (spec 2.8): FC maxout layers with 2 pieces."""
+    return [replace(s, pieces=min(s.pieces, 2)) if s.kind == "fc" else s for s in specs]

@@ -1,13 +1,14 @@
 """Training: one loop that runs a list of stages over a student (hint, kd, ce, joint), or trains a teacher.
 
 Stage kinds (paper section 2):
-  hint   student layers up to the guided layer + regressor, to predict the teacher's hint (Eq. 3)
+  hint   student up to the guided tap + regressor, to predict the teacher's hint (Eq. 3)
   kd     the whole student, cross-entropy + lam * soft cross-entropy with the teacher at tau (Eq. 2)
   ce     the whole student (or teacher) by plain backprop
   joint  the whole student, cross-entropy + hint_weight * hint loss in one stage (not the paper's method)
+
+Networks are reached only through the seam in networks.py (taps, the modules a tap depends on, constraints).
 """
 
-import copy
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ import os
 import platform
 import signal
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -25,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -33,16 +34,17 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli import dist
-from fitnets_cli.checkpoint import atomic_write, load_model, save_model, write_json, write_text
+from fitnets_cli.checkpoint import atomic_write, holds, load_payload, save_model, write_json, write_text
 from fitnets_cli.config import ConfigError, Config, Optim
 from fitnets_cli.data import Splits, augment, batches, load_data
-from fitnets_cli.hints import HintPlan, make_regressors, plan_hints, plan_table
+from fitnets_cli.evaluate import evaluate
+from fitnets_cli.hints import HintPlan, key, make_regressors, plan_hints, plan_table
 from fitnets_cli.losses import hint_loss, kd_loss, lam_at
-from fitnets_cli.models import Net, apply_max_norm, build_net, count
-from fitnets_cli.ui import console
+from fitnets_cli.networks import build_network, constraints, count, network_of, restore_weights, snapshot_weights
+from fitnets_cli.ui import console, errors
 
 
-RESUME_FORMAT = "fitnets-resume-1"
+RESUME_FORMAT = "fitnets-resume-2"   # 2: best weights kept per trained module (the seam's depends)
 
 
 @dataclass
@@ -52,15 +54,15 @@ class Stage:
 
     @property
     def name(self) -> str:
-        return self.plans[0].name if self.kind == "hint" else self.kind
+        return f"hint:{self.plans[0].guided}<-{self.plans[0].hint}" if self.kind == "hint" else self.kind
 
 
 @dataclass
 class Session:
     """What the stages of one run share. `student` is the network being trained (in train-teacher, the teacher)."""
-    student: Net
-    teacher: Net | None
-    regressors: nn.ModuleDict                   # guided layer name -> regressor
+    student: nn.Module
+    teacher: nn.Module | None
+    regressors: nn.ModuleDict                   # key(guided tap) -> regressor
     cfg: Config
     optim: Optim
     device: torch.device
@@ -69,6 +71,12 @@ class Session:
     step: int = 0                               # epochs run so far over all stages: the TensorBoard x axis
     stages_started: int = 0
     checkpoint: object = None                   # checkpoint(at): save progress, `at` a position in a stage
+    prefix: str = ""                            # "retrain/" while retraining on train + valid
+
+    def train(self, mode: bool = True) -> None:
+        """Switch the student and its regressors (batch norm, dropout) together."""
+        self.student.train(mode)
+        self.regressors.train(mode)
 
 
 def make_stages(kinds: list[str], plans: list[HintPlan]) -> list[Stage]:
@@ -87,50 +95,30 @@ def autocast(s: Session):
     return torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.cfg.amp)
 
 
-def maybe_compile(net: Net, cfg: Config) -> Net:
-    """With compile=true, torch.compile each layer, so every path through the net (up to a hint or
-    guided layer, or all of it) runs compiled code."""
+def maybe_compile(net, cfg: Config):
+    """With compile=true, torch.compile the network (every path through it: up to any tap, or all of it)."""
     if cfg.compile:
-        for layer in net.layers.values():
-            layer.compile()
+        net.compile()
     return net
-
-
-def pick_device(name: str) -> torch.device:
-    """auto: CUDA when available, else CPU. `cuda` picks this process's GPU (see gpu_index)."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        job = HydraConfig.get().job.num if HydraConfig.initialized() and \
-            HydraConfig.get().mode == RunMode.MULTIRUN else None
-        return torch.device("cuda", gpu_index(torch.cuda.device_count(), job))
-    return torch.device("cpu" if name == "auto" else name)
-
-
-def gpu_index(gpus: int, job: int | None) -> int:
-    """The GPU of this process: its torchrun local rank; in a multirun, its job number modulo the GPUs,
-    so the jobs of a parallel launcher (hydra/launcher=joblib) spread over them; else the first."""
-    if dist.launched():
-        return int(os.environ.get("LOCAL_RANK", "0"))
-    return job % gpus if job is not None else 0
 
 
 # ---------------------------------------------------------------- one step's loss, per stage kind
 
 def regress(s: Session, guided: str, x):
     """The regressor's prediction of the hint from the guided map (the map itself when shapes match)."""
-    return s.regressors[guided](x) if guided in s.regressors else x
+    return s.regressors[key(guided)](x) if key(guided) in s.regressors else x
 
 
 def teacher_layers(stage: Stage) -> list[str | None]:
-    """The teacher outputs a stage needs: hint maps by layer name, None for the logits."""
+    """The teacher outputs a stage needs: hint maps by tap name, None for the logits."""
     return {"hint": [p.hint for p in stage.plans[:1]], "kd": [None], "joint": [p.hint for p in stage.plans]}.get(stage.kind, [])
 
 
 @torch.no_grad()
 def teacher_cache(s: Session, stage: Stage, x, split: str) -> dict | None:
     """The teacher's outputs on all of `x`, computed once per stage, or None when they cannot be reused:
-    caching is off, the inputs are augmented (the teacher must see each step's view), or it is too big."""
+    caching is off, the inputs are augmented (the teacher must see each step's view), or it is too big.
+    Computed under the same autocast as live teacher passes, so results do not depend on whether it fits."""
     layers = teacher_layers(stage)
     aug = s.optim.augment or s.cfg.dataset.augment
     if not (layers and s.cfg.teacher_cache and (split != "train" or not (aug.pad or aug.flip))):
@@ -140,7 +128,9 @@ def teacher_cache(s: Session, stage: Stage, x, split: str) -> dict | None:
         return None
     cache = {}
     for idx in batches(len(x), s.cfg.eval_batch_size, x.device, False):
-        for layer, out in s.teacher.taps(x[idx], layers).items():
+        with autocast(s):
+            outputs = s.teacher.taps(x[idx], layers)
+        for layer, out in outputs.items():
             if layer not in cache:   # filled in place: no second copy while it is built
                 cache[layer] = torch.empty((len(x), *out.shape[1:]), dtype=out.dtype, device=out.device)
             cache[layer][idx] = out
@@ -149,15 +139,15 @@ def teacher_cache(s: Session, stage: Stage, x, split: str) -> dict | None:
 
 def stage_loss(s: Session, stage: Stage, x, y, lam: float, targets: dict):
     """(loss, {term: value}, logits or None) of one batch; `targets` holds the teacher's outputs."""
-    hints = s.cfg.hints
+    hints, kd = s.cfg.hints, s.cfg.recipe.kd
     if stage.kind == "hint":
         plan = stage.plans[0]
-        guided = s.student(x, upto=plan.guided)
+        guided = s.student.taps(x, [plan.guided])[plan.guided]
         loss = hint_loss(targets[plan.hint], regress(s, plan.guided, guided), hints.reduction)
         return loss, {"hint": loss}, None
     if stage.kind == "kd":
         logits = s.student(x)
-        loss, ce, soft = kd_loss(logits, targets[None], y, s.cfg.recipe.kd.tau, lam)
+        loss, ce, soft = kd_loss(logits, targets[None], y, kd.tau, lam, kd.form, kd.ce_weight)
         return loss, {"ce": ce, "kd": soft}, logits
     if stage.kind == "ce":
         logits = s.student(x)
@@ -180,20 +170,28 @@ def batch_targets(s: Session, stage: Stage, x, cache: dict | None, idx) -> dict:
         return s.teacher.taps(x, layers) if layers else {}
 
 
-def trained_layers(s: Session, stage: Stage) -> list[nn.Module]:
-    """Stage 1 trains the student up to its guided layer and the regressor; the rest, all of the student."""
-    regressors = [s.regressors[p.guided] for p in stage.plans if p.guided in s.regressors]
+def trained_modules(s: Session, stage: Stage) -> list[nn.Module]:
+    """Stage 1 trains what the guided tap depends on, and the regressor; the rest, all of the student."""
+    regressors = [s.regressors[key(p.guided)] for p in stage.plans if key(p.guided) in s.regressors]
     if stage.kind == "hint":
-        return s.student.upto(stage.plans[0].guided) + regressors
-    return list(s.student.layers.values()) + regressors
+        return s.student.depends(stage.plans[0].guided) + regressors
+    return [s.student] + regressors
 
 
-def make_optimizer(layers: list[nn.Module], regressors, optim: Optim):
-    """RMSProp or SGD, with conv layers' LR scaled by conv_lr_scale (regressors keep the base LR)."""
-    groups = []
-    for layer in layers:
-        scale = optim.conv_lr_scale if layer.spec.kind == "conv" and layer not in regressors else 1.0
-        groups.append({"params": list(layer.parameters()), "lr": optim.lr * scale, "lr_scale": scale})
+def make_optimizer(modules: list[nn.Module], regressors, optim: Optim):
+    """RMSProp or SGD over the modules' parameters, the student's convolutions at conv_lr_scale x the LR
+    (the authors' W_lr_scale); regressors keep the base LR."""
+    conv, rest, seen = [], [], set()
+    for top in modules:
+        for module in top.modules():
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    scaled = isinstance(module, nn.Conv2d) and not any(top is r for r in regressors)
+                    (conv if scaled else rest).append(p)
+    groups = [{"params": conv, "lr": optim.lr * optim.conv_lr_scale, "lr_scale": optim.conv_lr_scale},
+              {"params": rest, "lr": optim.lr, "lr_scale": 1.0}]
+    groups = [g for g in groups if g["params"]]
     if optim.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=optim.lr, alpha=optim.rms_decay, eps=optim.rms_eps)
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
@@ -215,150 +213,175 @@ def set_hyper(opt, optim: Optim, epoch: int, update: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(net: Net, x, y, batch_size: int = 1000) -> dict:
-    """Cross-entropy, accuracy and error of `net` on (x, y), in eval mode."""
-    was_training = net.training
-    net.eval()
-    loss = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
-    for idx in batches(len(x), batch_size, x.device, shuffle=False):
-        idx = dist.shard(idx)
-        logits = net(x[idx])
-        loss += F.cross_entropy(logits, y[idx], reduction="sum")
-        correct += (logits.argmax(1) == y[idx]).sum()
-    net.train(was_training)
-    loss, correct = dist.sum_(loss), dist.sum_(correct)
-    acc = correct.item() / len(x)
-    return {"loss": loss.item() / len(x), "acc": acc, "error": 1 - acc}
-
-
-@torch.no_grad()
 def evaluate_stage(s: Session, stage: Stage, x, y, cache: dict | None = None) -> dict:
     """The validation metrics of a stage: hint loss for hint stages, else loss, accuracy and error."""
     if stage.kind == "hint":
-        s.student.eval()
+        s.train(False)
         total = torch.zeros((), device=x.device)
         for idx in batches(len(x), s.cfg.eval_batch_size, x.device, shuffle=False):
             idx = dist.shard(idx)
             with autocast(s):
                 targets = batch_targets(s, stage, x[idx], cache, idx)
                 total += stage_loss(s, stage, x[idx], y[idx], 0.0, targets)[0] * len(idx)
-        s.student.train()
+        s.train(True)
         return {"hint": dist.sum_(total).item() / len(x)}
     return evaluate(s.student, x, y, s.cfg.eval_batch_size)
 
 
 # ---------------------------------------------------------------- the loop
 
-def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress, prefix: str = "",
-              at: dict | None = None) -> dict:
+@dataclass
+class Epoch:
+    """Where a stage is: the epoch, the first batch still to run and the order of this epoch's images, the
+    running sums of the loss terms and correct predictions, and the history and best epoch so far."""
+    epoch: int = 0
+    batch: int = 0
+    order: torch.Tensor | None = None
+    sums: dict = field(default_factory=dict)
+    correct: torch.Tensor | float = 0.0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"score": math.inf, "epoch": -1, "state": None})
+
+
+def train_epoch(s: Session, stage: Stage, opt, modules, train, cache, at: Epoch, per_epoch: int, progress, task):
+    """Train one epoch (from batch at.batch), adding up its loss terms; checkpoint and raise Interrupted
+    after the step in which a signal arrived. Returns the epoch's lr (at its last update) and lam."""
+    optim, kd = s.optim, s.cfg.recipe.kd
+    x_train, y_train = train
+    aug = optim.augment or s.cfg.dataset.augment
+    params = [p for m in modules for p in m.parameters()]
+    constrained = constraints(modules)
+    lam = lam_at(at.epoch, kd) if stage.kind == "kd" else 0.0
+    lr = set_hyper(opt, optim, at.epoch, at.epoch * per_epoch + at.batch)
+    for b, batch in enumerate(at.order.split(optim.batch_size)[at.batch:per_epoch], at.batch):
+        lr = set_hyper(opt, optim, at.epoch, at.epoch * per_epoch + b)
+        if len(batch) < dist.world():   # a last batch too small to give every rank an image
+            continue
+        idx = dist.shard(batch)   # this rank's share of the global batch
+        x, y = x_train[idx], y_train[idx]
+        if aug.pad or aug.flip:
+            x = augment(x, aug.pad, aug.flip)
+        with autocast(s):
+            targets = batch_targets(s, stage, x, cache, idx)
+            loss, terms, logits = stage_loss(s, stage, x, y, lam, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        dist.reduce_gradients(params, len(idx) / len(batch))
+        opt.step()
+        for module in constrained:
+            module.constrain()
+        for k, v in terms.items():   # summed on the device: one host sync per epoch, not per step
+            at.sums[k] = at.sums.get(k, 0.0) + v.detach() * len(idx)
+        if logits is not None:
+            at.correct += (logits.argmax(1) == y).sum()
+        progress.advance(task)
+        if dist.anyone(bool(STOP)):   # every rank stops after the same step
+            at.batch = b + 1
+            s.checkpoint(position(opt, at, reduce=True))
+            raise Interrupted(f"stage {stage_name(s, stage)}, epoch {at.epoch}, batch {b + 1}")
+    return {"lr": lr, **({"lam": lam} if stage.kind == "kd" else {})}
+
+
+def position(opt, at: Epoch, reduce: bool = False) -> dict:
+    """A checkpointable position in a stage; with `reduce`, the running sums are summed over ranks first."""
+    sums = {k: dist.sum_(v) for k, v in at.sums.items()} if reduce else at.sums
+    return {"optimizer": opt.state_dict(), "history": at.history, "best": at.best, "epoch": at.epoch,
+            "batch": at.batch, "order": at.order, "sums": sums,
+            "correct": dist.sum_(at.correct) if reduce and torch.is_tensor(at.correct) else at.correct}
+
+
+def end_epoch(s: Session, stage: Stage, at: Epoch, record: dict, started: float, seen: int, valid, valid_cache,
+              modules) -> dict:
+    """The end-of-epoch bookkeeping: the epoch's record (training averages, time, validation), best-weights
+    keeping and TensorBoard. Returns the record."""
+    name = stage_name(s, stage)
+    record = {"epoch": at.epoch, **record}
+    record.update({f"train_{k}": dist.sum_(v).item() / seen for k, v in at.sums.items()})   # syncs
+    record["epoch_s"] = time.perf_counter() - started
+    for k, v in record.items():
+        if k.startswith("train_") and not math.isfinite(v):
+            raise ConfigError(f"stage {name}, epoch {at.epoch}: the {k[6:]} loss is {v}; the last good "
+                              "checkpoint is kept; lower the LR (recipe.student.lr / recipe.teacher.lr) "
+                              "or check the teacher checkpoint")
+    if stage.kind != "hint":
+        record["train_acc"] = dist.sum_(torch.as_tensor(at.correct, device=s.device)).item() / seen
+    if valid is not None:
+        record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid, valid_cache).items()})
+        score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
+        if score < at.best["score"]:
+            at.best = {"score": score, "epoch": at.epoch, "state": snapshot_weights(modules)}
+    at.history.append(record)
+    for k, v in record.items():
+        if k != "epoch":
+            s.tb.add_scalar(f"{name}/{k.replace('_', '/', 1)}", v, s.step)
+    s.tb.add_scalar("stage", s.stages_started, s.step)   # steps up at each stage boundary
+    s.step += 1
+    return record
+
+
+def stage_name(s: Session, stage: Stage) -> str:
+    return s.prefix + stage.name
+
+
+def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress, at: dict | None = None) -> dict:
     """Train one stage with early stopping on `valid` (if given); leave the best weights in place.
     `at` is a checkpointed position inside this stage to continue from."""
-    optim, name = s.optim, prefix + stage.name
-    layers = trained_layers(s, stage)
-    params = [p for layer in layers for p in layer.parameters()]
-    opt = make_optimizer(layers, list(s.regressors.values()), optim)
-    x_train, y_train = train
+    optim, name = s.optim, stage_name(s, stage)
+    modules = trained_modules(s, stage)
+    opt = make_optimizer(modules, list(s.regressors.values()), optim)
+    x_train = train[0]
     per_epoch = len(x_train) // optim.batch_size if optim.drop_last else math.ceil(len(x_train) / optim.batch_size)
     if per_epoch == 0:
         raise ConfigError(f"stage {name}: drop_last=true with batch_size {optim.batch_size} leaves no batch of "
                           f"the {len(x_train)} training images; lower the batch size or set drop_last=false")
     seen = min(per_epoch * optim.batch_size, len(x_train))   # images trained on per epoch
-    aug = optim.augment or s.cfg.dataset.augment
-    history, best = [], {"score": math.inf, "epoch": -1, "state": None}
-    first_epoch, first_batch, order, sums, correct = 0, 0, None, {}, torch.zeros((), device=s.device)
+    where = Epoch(correct=torch.zeros((), device=s.device))
     if at is not None:
         opt.load_state_dict(at["optimizer"])
-        history, best, first_epoch, first_batch = at["history"], at["best"], at["epoch"], at["batch"]
-        order = None if at["order"] is None else at["order"].to(s.device)
-        # The saved sums are over all ranks (see the stop below): rank 0 carries them on, the others restart.
+        # The saved sums are over all ranks (see position): rank 0 carries them on, the others restart.
         keep = dist.is_main()
-        sums = {k: v.to(s.device) * keep for k, v in at["sums"].items()}
-        correct = at["correct"].to(s.device) * keep
+        where = Epoch(at["epoch"], at["batch"], None if at["order"] is None else at["order"].to(s.device),
+                      {k: v.to(s.device) * keep for k, v in at["sums"].items()},
+                      torch.as_tensor(at["correct"], device=s.device) * keep, at["history"], at["best"])
     cache = teacher_cache(s, stage, x_train, "train")
     valid_cache = teacher_cache(s, stage, valid[0], "valid") if valid is not None and stage.kind == "hint" else None
     if cache is not None:
         console.print(f"{name}: teacher outputs computed once for the {len(x_train)} training images "
                       "(no augmentation); no teacher pass in the training steps")
-    stage_task = progress.add_task(name, total=max_epochs, completed=first_epoch, status="")
+    stage_task = progress.add_task(name, total=max_epochs, completed=where.epoch, status="")
     batch_task = progress.add_task("  epoch", total=per_epoch, status="")
     if at is None:
         s.stages_started += 1
         s.tb.add_text("stages", f"stage {name} starts at epoch {s.step}", s.step)
-    position = lambda **where: {"optimizer": opt.state_dict(), "history": history, "best": best, **where}
-    for epoch in range(first_epoch, max_epochs):
-        lr = set_hyper(opt, optim, epoch, epoch * per_epoch + first_batch)   # set per update below
-        lam = lam_at(epoch, s.cfg.recipe.kd) if stage.kind == "kd" else 0.0
-        if order is None:
-            order = dist.same_order(torch.randperm(len(x_train), device=s.device))
-        progress.reset(batch_task, completed=first_batch)
+    while where.epoch < max_epochs:
+        if where.order is None:
+            where.order = dist.same_order(torch.randperm(len(x_train), device=s.device))
+        progress.reset(batch_task, completed=where.batch)
         started = time.perf_counter()
-        for b, batch in enumerate(order.split(optim.batch_size)[first_batch:per_epoch], first_batch):
-            lr = set_hyper(opt, optim, epoch, epoch * per_epoch + b)
-            if len(batch) < dist.world():   # a last batch too small to give every rank an image
-                continue
-            idx = dist.shard(batch)   # this rank's share of the global batch
-            x, y = x_train[idx], y_train[idx]
-            if aug.pad or aug.flip:
-                x = augment(x, aug.pad, aug.flip)
-            with autocast(s):
-                targets = batch_targets(s, stage, x, cache, idx)
-                loss, terms, logits = stage_loss(s, stage, x, y, lam, targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.reduce_gradients(params, len(idx) / len(batch))
-            opt.step()
-            apply_max_norm(layers)
-            for k, v in terms.items():   # summed on the device: one host sync per epoch, not per step
-                sums[k] = sums.get(k, 0.0) + v.detach() * len(idx)
-            if logits is not None:
-                correct += (logits.argmax(1) == y).sum()
-            progress.advance(batch_task)
-            if dist.anyone(bool(STOP)):   # every rank stops after the same step
-                s.checkpoint(position(epoch=epoch, batch=b + 1, order=order, correct=dist.sum_(correct),
-                                      sums={k: dist.sum_(v) for k, v in sums.items()}))
-                raise Interrupted(f"stage {name}, epoch {epoch}, batch {b + 1}")
-        record = {"epoch": epoch, "lr": lr, **({"lam": lam} if stage.kind == "kd" else {})}
-        record.update({f"train_{k}": dist.sum_(v).item() / seen for k, v in sums.items()})   # syncs
-        record["epoch_s"] = time.perf_counter() - started
-        for k, v in record.items():
-            if k.startswith("train_") and not math.isfinite(v):
-                raise ConfigError(f"stage {name}, epoch {epoch}: the {k[6:]} loss is {v}; the last good "
-                                  "checkpoint is kept; lower the LR (recipe.student.lr / recipe.teacher.lr) "
-                                  "or check the teacher checkpoint")
-        if stage.kind != "hint":
-            record["train_acc"] = dist.sum_(correct).item() / seen
-        if valid is not None:
-            record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid, valid_cache).items()})
-            score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
-            if score < best["score"]:
-                best = {"score": score, "epoch": epoch, "state": [copy.deepcopy(l.state_dict()) for l in layers]}
-        history.append(record)
-        for k, v in record.items():
-            if k != "epoch":
-                s.tb.add_scalar(f"{name}/{k.replace('_', '/', 1)}", v, s.step)
-        s.tb.add_scalar("stage", s.stages_started, s.step)   # steps up at each stage boundary
-        s.step += 1
+        record = train_epoch(s, stage, opt, modules, train, cache, where, per_epoch, progress, batch_task)
+        record = end_epoch(s, stage, where, record, started, seen, valid, valid_cache, modules)
         status = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("train_", "valid_")))
         progress.update(stage_task, advance=1, status=status)
         if not console.is_terminal:
-            console.print(f"{name} epoch {epoch}: {status}")
-        order, first_batch, sums, correct = None, 0, {}, torch.zeros((), device=s.device)
-        if valid is not None and epoch - best["epoch"] >= optim.patience:
+            console.print(f"{name} epoch {where.epoch}: {status}")
+        stop = valid is not None and where.epoch - where.best["epoch"] >= optim.patience
+        where = Epoch(where.epoch + 1, correct=torch.zeros((), device=s.device), history=where.history,
+                      best=where.best)
+        if stop:
             break
-        if epoch + 1 < max_epochs:
-            s.checkpoint(position(epoch=epoch + 1, batch=0, order=None, sums={}, correct=correct))
+        if where.epoch < max_epochs:
+            s.checkpoint(position(opt, where))
     # The last epoch's test score, taken before the best epoch's weights come back.
     test_last = evaluate(s.student, *s.test, s.cfg.eval_batch_size) if s.test and stage.kind != "hint" else None
-    if best["state"] is not None:
-        for layer, state in zip(layers, best["state"]):
-            layer.load_state_dict(state)
+    if where.best["state"] is not None:
+        restore_weights(modules, where.best["state"])
     progress.remove_task(batch_task)
     progress.remove_task(stage_task)
-    result = {"name": name, "epochs": len(history), "best_epoch": best["epoch"],
+    best = where.best
+    result = {"name": name, "epochs": len(where.history), "best_epoch": best["epoch"],
               "best_valid": best["score"] if valid is not None else None, "test_last": test_last,
-              "history": history}
-    console.print(f"[bold]{name}[/]: {len(history)} epochs" +
+              "history": where.history}
+    console.print(f"[bold]{name}[/]: {len(where.history)} epochs" +
                   (f", best validation {'hint loss' if stage.kind == 'hint' else 'error'} "
                    f"{best['score']:.4g} at epoch {best['epoch']}" if valid is not None else ""))
     return result
@@ -370,6 +393,7 @@ def run_stages(s: Session, stages: list[Stage], train, valid, epochs=None, prefi
     (retraining without validation). `checkpoint(results, at)` saves progress."""
     results = list(state["results"]) if state else []
     s.checkpoint = lambda at: checkpoint(results, at) if checkpoint else None
+    s.prefix = prefix
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
                         console=console, disable=not console.is_terminal)
@@ -377,7 +401,7 @@ def run_stages(s: Session, stages: list[Stage], train, valid, epochs=None, prefi
         for i in range(len(results), len(stages)):
             at = state["at"] if state and i == state["stage"] else None
             results.append(run_stage(s, stages[i], train, valid, epochs[i] if epochs else s.optim.max_epochs,
-                                     progress, prefix, at))
+                                     progress, at))
             s.checkpoint(None)   # the stage boundary
     return results
 
@@ -389,20 +413,25 @@ def teacher_path(cfg: Config) -> Path:
     return Path(cfg.teacher.checkpoint or Path(cfg.teacher_store) / f"{cfg.teacher.name}-{cfg.dataset.name}.pt")
 
 
-def load_teacher(cfg: Config, device) -> Net:
-    """The frozen teacher for this run, checked against the configured architecture and dataset."""
-    path = teacher_path(cfg)
-    if not path.is_file():
-        raise ConfigError(f"no teacher checkpoint at {path}; train one with `fitnets train-teacher "
-                          f"teacher={cfg.teacher.name} dataset={cfg.dataset.name}` or pass teacher.checkpoint=PATH")
-    teacher, payload = load_model(path, device)
-    expected = Net(cfg.teacher.layers, cfg.dataset.in_shape, cfg.dataset.num_classes).specs
-    if payload["dataset"]["name"] != cfg.dataset.name or teacher.specs != expected:
-        raise ConfigError(f"teacher checkpoint {path} holds a {payload['name']} trained on "
-                          f"{payload['dataset']['name']} with another architecture or classes than "
-                          f"teacher={cfg.teacher.name} dataset={cfg.dataset.name}; pass the matching teacher.checkpoint")
+def load_teacher(cfg: Config, teacher) -> Path:
+    """Load the teacher's trained weights into the network built from its config, from teacher.weights (a
+    state_dict from anywhere, already loaded by build_network) or from a fitnets checkpoint that must hold
+    the same network trained on the same dataset. Freeze it in eval mode; return the file it came from."""
+    path = Path(cfg.teacher.weights) if cfg.teacher.weights else teacher_path(cfg)
+    if not cfg.teacher.weights:
+        if not path.is_file():
+            raise ConfigError(f"no teacher checkpoint at {path}; train one with `fitnets train-teacher "
+                              f"teacher={cfg.teacher.name} dataset={cfg.dataset.name}`, or pass "
+                              "teacher.checkpoint=PATH (a fitnets checkpoint) or teacher.weights=PATH (a state_dict)")
+        payload = load_payload(path)
+        same = network_of(payload["network"]) == network_of(teacher.build_spec)
+        if payload["dataset"]["name"] != cfg.dataset.name or not same:
+            raise ConfigError(f"teacher checkpoint {path} holds a {payload['name']} trained on "
+                              f"{payload['dataset']['name']} with another architecture or classes than "
+                              f"teacher={cfg.teacher.name} dataset={cfg.dataset.name}; pass the matching teacher.checkpoint")
+        teacher.load_state_dict(payload["state_dict"])
     teacher.eval().requires_grad_(False)
-    return teacher
+    return path
 
 
 def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, state: dict | None = None,
@@ -507,7 +536,8 @@ def load_state(run_dir: Path) -> dict | None:
         raise ConfigError(f"the resume checkpoint {path} is corrupted ({str(err).splitlines()[0][:100]}); "
                           "it cannot be resumed") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise ConfigError(f"{path} is not a fitnets resume checkpoint")
+        raise ConfigError(f"{path} is not a resume checkpoint of this fitnets version ({RESUME_FORMAT}); "
+                          "finish it with the version that started it")
     return state
 
 
@@ -543,7 +573,7 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
     net = s.student
     test = evaluate(net, *data.test, cfg.eval_batch_size)
     last_stage = (result.get("retrain") or result["stages"])[-1]
-    sizes = count(net.specs, net.in_shape, net.num_classes, cfg.counting)
+    sizes = count(network_of(net.build_spec), net.in_shape, net.num_classes, cfg.counting)
     metrics = {
         "command": cfg.command, "role": role, "model": name, "dataset": cfg.dataset.name,
         "teacher": cfg.teacher.name if cfg.teacher else None,
@@ -573,15 +603,6 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
     console.print(f"test accuracy {test['acc']:.2%} (error {test['error']:.2%}, loss {test['loss']:.4f}); "
                   f"{sizes['params']:,} params, {sizes['mults']:,} mults; run dir {run_dir}")
     return metrics
-
-
-def holds(run_dir: Path) -> str | None:
-    """What an output directory already holds that must not be trained over, if anything."""
-    if (run_dir / "metrics.json").exists():
-        return "a finished run, which is never overwritten"
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        return "an interrupted run"
-    return None
 
 
 class Unlogged:
@@ -642,15 +663,15 @@ def train_teacher(cfg: Config, run_dir: Path | None = None, resume_command: str 
     (Also called by `train` with teacher.auto_train, in the student's run directory.)"""
     started = time.time()
     cfg, run_dir, state = prepare(cfg, run_dir)
-    device = pick_device(cfg.device)
+    device = dist.pick_device(cfg.device)
     data = load_data(cfg.dataset, cfg.data, device)
     optim = cfg.recipe.teacher
     tb = tensorboard(run_dir, state)
 
     def build():
         torch.manual_seed(cfg.seed)
-        net = build_net(cfg.teacher.layers, cfg.dataset.in_shape, cfg.dataset.num_classes, optim.init_range,
-                        optim.dropout_input, optim.dropout).to(device)
+        net = build_network(cfg.teacher, cfg.dataset.in_shape, cfg.dataset.num_classes, optim.init_range,
+                            optim.dropout_input, optim.dropout).to(device)
         return Session(maybe_compile(net, cfg), None, nn.ModuleDict(), cfg, optim, device, tb)
 
     made_by = provenance(cfg)   # taken at the start: the checkout may change while a long run trains
@@ -663,31 +684,35 @@ def train_student(cfg: Config) -> dict:
     """`fitnets train`: the student through the schedule's stages."""
     started = time.time()
     cfg, run_dir, state = prepare(cfg)
-    device = pick_device(cfg.device)
+    device = dist.pick_device(cfg.device)
     kinds = cfg.schedule.stages
-    teacher, teacher_file = None, None
-    if set(kinds) & {"hint", "kd", "joint"}:
-        if cfg.teacher.auto_train and not teacher_path(cfg).is_file():
-            console.print(f"no teacher at {teacher_path(cfg)}: training it first (teacher.auto_train=true)")
-            train_teacher(replace(cfg, resume=None), run_dir / "teacher", f"fitnets train resume={run_dir}")
-        teacher_file = teacher_path(cfg)
-        teacher = maybe_compile(load_teacher(cfg, device), cfg)
     optim = cfg.recipe.student
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
-    plans = []
+    teacher, teacher_file, plans = None, None, []
+    if set(kinds) & {"hint", "kd", "joint"}:
+        teacher = build_network(cfg.teacher, shape, classes)
     if set(kinds) & {"hint", "joint"}:
-        plans = plan_hints(teacher, Net(cfg.student.layers, shape, classes), cfg.hints.pairs)
+        # Planned from the configs before the teacher is looked up (or trained), so a misspelt layer is
+        # reported at once.
+        plans = plan_hints(teacher, build_network(replace(cfg.student, weights=None), shape, classes),
+                           cfg.hints.pairs, cfg.hints)
         console.print(plan_table(plans))
+    if teacher is not None:
+        if cfg.teacher.auto_train and not cfg.teacher.weights and not teacher_path(cfg).is_file():
+            console.print(f"no teacher at {teacher_path(cfg)}: training it first (teacher.auto_train=true)")
+            train_teacher(replace(cfg, resume=None), run_dir / "teacher", f"fitnets train resume={run_dir}")
+        teacher_file = load_teacher(cfg, teacher)
+        teacher = maybe_compile(teacher.to(device), cfg)
     data = load_data(cfg.dataset, cfg.data, device)
     tb = tensorboard(run_dir, state)
 
     def build():
         # Seeded here, so every schedule with the same seed starts from the same student.
         torch.manual_seed(cfg.seed)
-        student = build_net(cfg.student.layers, shape, classes, optim.init_range, optim.dropout_input,
-                            optim.dropout).to(device)
-        regressors = make_regressors(plans, cfg.hints.regressor_init_range, cfg.hints.regressor_max_norm)
-        return Session(maybe_compile(student, cfg), teacher, regressors.to(device), cfg, optim, device, tb)
+        student = build_network(cfg.student, shape, classes, optim.init_range, optim.dropout_input,
+                                optim.dropout).to(device)
+        return Session(maybe_compile(student, cfg), teacher, make_regressors(plans).to(device), cfg, optim,
+                       device, tb)
 
     made_by = provenance(cfg, teacher_file)   # taken at the start: the checkout may change during the run
     s, result = fit(cfg, build, make_stages(kinds, plans), data, run_dir, state)
@@ -696,3 +721,14 @@ def train_student(cfg: Config) -> dict:
         atomic_write(run_dir / "checkpoints" / f"regressor-{guided}.pt",
                      lambda tmp: torch.save(regressor.state_dict(), tmp))
     return finish(cfg, s, result, data, "student", cfg.student.name, started, run_dir, made_by)
+
+
+def command(cfg: Config):
+    """`fitnets train` and `fitnets train-teacher`, with what an interrupted or finished run prints."""
+    try:
+        return (train_student if cfg.command == "train" else train_teacher)(cfg)
+    except AlreadyFinished as done:
+        console.print(str(done))
+    except Interrupted as stopped:
+        errors.print(f"stopped by {stopped}")
+        sys.exit(128 + (STOP or [signal.SIGTERM])[0])   # empty: another torchrun rank was signalled

@@ -1,0 +1,44 @@
+"""`fitnets layers`: the tap points of a teacher and a student, the default hint pair and the hint plan."""
+
+from rich.table import Table
+
+from fitnets_cli.config import Config
+from fitnets_cli.hints import default_tap, fmt, plan_hints, plan_table
+from fitnets_cli.networks import build_network
+from fitnets_cli.ui import console
+
+
+def tap_table(net, role: str, marked: set[str]) -> Table:
+    """A network's taps in forward order with their output shapes; `marked` taps carry an arrow."""
+    table = Table(title=f"{role} {net.build_spec['name']}: {len(net.shapes)} taps")
+    for col in ("tap", "output (HxWxC)", ""):
+        table.add_column(col)
+    for tap, shape in net.shapes.items():
+        mark = f"<- {'hint' if role == 'teacher' else 'guided'}" if tap in marked else ""
+        table.add_row(tap, fmt(shape), mark)
+    return table
+
+
+def layers_command(cfg: Config) -> list:
+    """Print the teacher's and the student's taps, and the plan of hints.pairs (default pair if unset)."""
+    shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
+    teacher = build_network(cfg.teacher, shape, classes)
+    student = build_network(cfg.student, shape, classes)
+    pairs = cfg.hints.pairs
+    hints = {p.hint or default_tap(teacher) for p in pairs}
+    guided = {p.guided or default_tap(student) for p in pairs}
+    console.print(tap_table(teacher, "teacher", hints))
+    console.print(tap_table(student, "student", guided))
+    console.print(f"default pair: hint {default(cfg.teacher.hint, teacher)} <- guided "
+                  f"{default(cfg.student.guided, student)}")
+    plans = plan_hints(teacher, student, pairs, cfg.hints)
+    console.print(plan_table(plans))
+    return plans
+
+
+def default(configured: str | None, net) -> str:
+    """A network's default tap, and where it comes from."""
+    if configured:
+        return f"{configured} (its config)"
+    rule = "the second group of blocks" if len(net.groups) >= 2 else "the middle layer"
+    return f"{default_tap(net)} ({rule})"

@@ -1,0 +1,256 @@
+"""The one seam between training and networks. Whatever its source, a network offers:
+
+  in_shape, num_classes   what it takes and predicts
+  shapes                  {tap: output shape, (C, H, W) or (units,)}, in forward order, probed by one pass
+  taps(x, names)          {tap: output} (None: the logits), computed no deeper than the last tap needs
+  depends(tap)            the modules whose parameters and buffers that output depends on (stage 1 trains them)
+  nonlinearity(tap)       ("maxout", pieces) | ("relu", 1) | ("linear", 1): what the paper's regressor copies
+  blocks, groups          its module-level taps and groups of blocks, for the default hint/guided rule
+  build_spec              how to build it again, recorded in checkpoints
+
+The paper's maxout networks (models.Net) implement it directly. Any other nn.Module (a torchvision model, or
+the user's own by dotted path) is wrapped in `Tapped`, which reads its taps from a torch.fx trace. A module may
+declare a constraint to apply after every update with a `constrain()` method (maxout layers' max-norm).
+"""
+
+import copy
+import difflib
+import importlib
+import inspect
+import re
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from fitnets_cli.config import ConfigError, Layer, Network
+from fitnets_cli.models import build_net, paper_specs
+
+
+class Tapped(nn.Module):
+    """Any nn.Module behind the seam. Taps are the torch.fx nodes of its forward pass, named by module path
+    (`layer2`, `layer2.1.conv1`) or, for what a path cannot name, by FX node name (`layer2.1.add`, the sum of
+    a residual block). A module that runs k > 1 times per pass has one tap per call: `path_0` ... `path_{k-1}`.
+    Grey images go to a model whose first convolution takes more channels as that many copies."""
+
+    def __init__(self, model: nn.Module, in_shape, num_classes: int, name: str):
+        super().__init__()
+        self.model = model
+        self.in_shape, self.num_classes = tuple(in_shape), num_classes
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        self.repeat = first.in_channels if first and in_shape[0] == 1 and first.in_channels > 1 else 1
+        self._extractors = {}   # frozenset of FX nodes -> truncated graph (not a submodule: no second state)
+        self._compile = None    # torch.compile's arguments once compile() was called
+        try:
+            nodes = get_graph_node_names(model)[1][1:]   # eval-mode nodes, less the input
+        except Exception as err:
+            raise ConfigError(f"network {name}: torch.fx cannot trace it ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:150]}), and fitnets reads hint taps from the trace") from None
+        self._node = tap_names(nodes, {n for n, m in model.named_modules() if n and not list(m.children())})
+        probe = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True)
+        was = model.training
+        with torch.no_grad():
+            outputs = probe.eval()(self._input(torch.zeros(2, *in_shape)))
+        model.train(was)
+        shape = {node: tuple(out.shape[1:]) for node, out in outputs.items()
+                 if isinstance(out, torch.Tensor) and out.dim() > 1}
+        self._logits = nodes[-1]
+        if shape.get(self._logits) != (num_classes,):
+            raise ConfigError(f"network {name} outputs {tuple(outputs[nodes[-1]].shape[1:])} for {tuple(in_shape)} "
+                              f"images; fitnets needs ({num_classes},) logits (pass num_classes to it)")
+        for path, module in model.named_modules():   # a container's output is its last node's
+            last = next((n for n in reversed(nodes) if n.startswith(path + ".")), None)
+            if path and list(module.children()) and last in shape:
+                self._node[path] = last
+        # Forward order; where taps share a node (a block's output is its last op's), the deepest name first.
+        order = {node: i for i, node in enumerate(nodes)}
+        self._node = {tap: node for tap, node in sorted(self._node.items(), key=lambda kv: (order[kv[1]],
+                      -kv[0].count("."))) if node in shape}
+        self.shapes = {tap: shape[node] for tap, node in self._node.items()}
+        modules = dict(model.named_modules())
+        self.blocks = [t for t in self.shapes if t in modules or re.sub(r"_\d+$", "", t) in modules]
+        self.groups = [path for path, child in model.named_children() if path in self.shapes
+                       and any(list(grandchild.children()) for grandchild in child.children())]
+
+    def _input(self, x):
+        return x.expand(-1, self.repeat, -1, -1) if self.repeat > 1 else x
+
+    def _extract(self, nodes):
+        key = frozenset(nodes)
+        if key not in self._extractors:
+            gm = create_feature_extractor(self.model, return_nodes=sorted(key), suppress_diff_warning=True)
+            if self._compile is not None:
+                gm.compile(**self._compile)
+            self._extractors[key] = gm
+        gm = self._extractors[key]
+        if gm.training != self.training:
+            gm.train(self.training)
+        return gm
+
+    def forward(self, x):
+        return self.model(self._input(x))
+
+    def taps(self, x, names) -> dict:
+        """{tap: output} of the named taps (None: the logits), running only as deep as they need."""
+        if set(names) == {None}:
+            return {None: self(x)}
+        nodes = {self._logits if n is None else self._node[n]: n for n in names}
+        out = self._extract(nodes)(self._input(x))
+        return {tap: out[node] for node, tap in nodes.items()}
+
+    def depends(self, name: str) -> list[nn.Module]:
+        """The modules that own the parameters and buffers on the way to the tap."""
+        gm = self._extract({self._node[name]})
+        return [m for m in gm.modules() if m is not gm and (m._parameters or m._buffers)]
+
+    def nonlinearity(self, name: str) -> tuple[str, int]:
+        """relu where the tap is a ReLU's output (a module or F.relu), else linear."""
+        node = self._node[name]
+        module = dict(self.model.named_modules()).get(re.sub(r"_\d+$", "", node))
+        relu = isinstance(module, nn.ReLU) or (module is None and re.sub(r"_\d+$", "", node).endswith("relu"))
+        return ("relu", 1) if relu else ("linear", 1)
+
+    def compile(self, **kwargs) -> None:
+        """torch.compile the whole forward and every truncated forward made for taps."""
+        self._compile = kwargs
+        self.model.compile(**kwargs)
+        for gm in self._extractors.values():
+            gm.compile(**kwargs)
+
+
+def tap_names(nodes: list[str], leaves: set[str]) -> dict[str, str]:
+    """{tap name: FX node}: the node names, except that a leaf module run k > 1 times (FX: path, path_1, ...)
+    gets path_0 ... path_{k-1}, so that its bare path, which would be ambiguous, names no tap."""
+    calls = {}
+    for node in nodes:
+        base = re.sub(r"_\d+$", "", node)
+        calls.setdefault(base if base in leaves else node, []).append(node)
+    taps = {}
+    for base, called in calls.items():
+        taps.update({f"{base}_{i}": n for i, n in enumerate(called)} if len(called) > 1 else {called[0]: called[0]})
+    return taps
+
+
+def check_tap(net, name: str, role: str) -> None:
+    """A one-line error naming the closest taps when `name` is not a tap of `net`."""
+    if name in net.shapes:
+        return
+    calls = [t for t in net.shapes if re.fullmatch(re.escape(name) + r"_\d+", t)]
+    if calls:
+        raise ConfigError(f"{role} layer {name!r} runs {len(calls)} times in one forward pass; name one call: "
+                          f"{', '.join(calls)}")
+    ratio = {tap: difflib.SequenceMatcher(None, name, tap).ratio() for tap in net.shapes}
+    close = [tap for tap in sorted(ratio, key=lambda t: -ratio[t]) if ratio[tap] >= 0.5][:6]   # ties: forward order
+    raise ConfigError(f"{role} layer {name!r} does not exist; closest: {', '.join(close) or 'none'} "
+                      "(`fitnets layers` lists them all)")
+
+
+def build_network(spec: Network, in_shape, num_classes: int, init_range: float = 0.005, dropout_input: float = 0.0,
+                  dropout: float = 0.0) -> nn.Module:
+    """Build a network from its config. Initialisation and dropout settings apply to the paper's maxout
+    networks; torchvision models and your own keep their own. `spec.weights` is loaded last."""
+    if spec.layers:
+        net = build_net(spec.layers, in_shape, num_classes, init_range, dropout_input, dropout)
+        net.build_spec = build_spec(spec, net.specs)
+    else:
+        net = Tapped(instantiate(spec, num_classes), in_shape, num_classes, spec.name)
+        net.build_spec = build_spec(spec)
+    if spec.weights:
+        load_weights(net, spec.weights, spec.name)
+    return net
+
+
+def instantiate(spec: Network, num_classes: int) -> nn.Module:
+    """The nn.Module of a torchvision builder or of a dotted path; nothing is downloaded."""
+    if spec.arch:
+        if spec.arch not in torchvision.models.list_models(module=torchvision.models):
+            close = difflib.get_close_matches(spec.arch, torchvision.models.list_models(module=torchvision.models))
+            raise ConfigError(f"arch={spec.arch!r} is not a torchvision.models classifier; closest: "
+                              f"{', '.join(close) or 'none'}")
+        make, kwargs = getattr(torchvision.models, spec.arch), {"weights": None, **spec.kwargs}
+    else:
+        module, _, attr = spec._target_.rpartition(".")
+        try:
+            make = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ConfigError(f"_target_={spec._target_}: cannot import it ({err}); is its package installed "
+                              "or on PYTHONPATH?") from None
+        kwargs = dict(spec.kwargs)
+    takes = inspect.signature(make).parameters
+    if "num_classes" in takes or any(p.kind == p.VAR_KEYWORD for p in takes.values()):
+        kwargs.setdefault("num_classes", num_classes)
+    try:
+        model = make(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"network {spec.name}: {err}; check its keyword arguments") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"network {spec.name}: {spec._target_ or spec.arch} made a {type(model).__name__}, "
+                          "not an nn.Module")
+    return model
+
+
+def build_spec(spec: Network, specs: list[Layer] | None = None) -> dict:
+    """What rebuilds a network (its layers as built, with the softmax's classes filled in), as plain data."""
+    return {"name": spec.name, "layers": [asdict(s) for s in specs or []], "arch": spec.arch,
+            "_target_": spec._target_, "kwargs": dict(spec.kwargs)}
+
+
+def network_of(build: dict) -> Network:
+    """The config that `build_spec` recorded."""
+    return Network(**{**build, "layers": [Layer(**layer) for layer in build["layers"]]})
+
+
+def load_weights(net: nn.Module, path: str, name: str) -> None:
+    """Load a plain state_dict file (or a dict holding one under "state_dict" or "model") into the network."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} for {name} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"weights file {path} is unreadable ({str(err).splitlines()[0][:120]})") from None
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        state = state.get("state_dict") or state.get("model") or state
+    target = net.model if isinstance(net, Tapped) else net
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ConfigError(f"weights file {path} does not fit {name}: "
+                          f"{' '.join(str(err).split())[:300]}") from None
+
+
+def snapshot_weights(modules: list[nn.Module]) -> list[dict]:
+    """Copies of the modules' weights and buffers, for best-epoch keeping."""
+    return [copy.deepcopy(m.state_dict()) for m in modules]
+
+
+def restore_weights(modules: list[nn.Module], states: list[dict]) -> None:
+    """Put back what `snapshot_weights` copied."""
+    for module, state in zip(modules, states):
+        module.load_state_dict(state)
+
+
+def constraints(modules: list[nn.Module]) -> list[nn.Module]:
+    """The modules among these (and inside them) that declare a constraint to apply after every update."""
+    return [m for top in modules for m in top.modules() if callable(getattr(m, "constrain", None))]
+
+
+def count(spec: Network, in_shape, num_classes: int, counting: str = "actual") -> dict:
+    """Weight layers (conv and linear), parameters, multiplications and FLOPs of one image's forward pass.
+
+    FLOPs come from torch.utils.flop_counter (2 x multiply-adds; max, pooling and adds are not counted).
+    counting='paper' counts as the paper did (spec 2.8): weights only, and FC maxout layers as 2 pieces.
+    """
+    if counting == "paper" and spec.layers:
+        spec = replace(spec, layers=paper_specs(spec.layers))
+    net = build_network(replace(spec, weights=None), in_shape, num_classes).eval()
+    params = sum(p.numel() for n, p in net.named_parameters() if counting == "actual" or n.endswith("weight"))
+    layers = sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) for m in net.modules())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, *in_shape))
+    flops = counter.get_total_flops()
+    return {"layers": layers, "params": params, "mults": flops // 2, "flops": flops}
