@@ -32,6 +32,21 @@ def test_cached_teacher_outputs_equal_live_ones(make_config, tmp_path):
             torch.testing.assert_close(cached[k], live[k], rtol=1e-5, atol=1e-6)
 
 
+def test_cached_teacher_outputs_equal_live_ones_under_bf16(make_config, tmp_path):
+    # The cache is filled under the same autocast as live teacher passes: results must not depend on whether
+    # the teacher's outputs fit in memory.
+    s, plans = mnist_session(make_config, tmp_path, ["amp=true"])
+    x, _ = random_split(64, 0)
+    idx = torch.tensor([5, 17, 63, 0])
+    for stage in make_stages(["hint", "kd"], plans):
+        cache = teacher_cache(s, stage, x, "train")
+        with autocast(s):
+            live = batch_targets(s, stage, x[idx], None, idx)
+        for k, cached in batch_targets(s, stage, x[idx], cache, idx).items():
+            assert cached.dtype == live[k].dtype == torch.bfloat16
+            torch.testing.assert_close(cached, live[k])
+
+
 def test_caching_switches_off_with_augmentation_or_when_asked(make_config, tmp_path):
     s, plans = mnist_session(make_config, tmp_path, ["dataset.augment.flip=true"])
     [kd] = make_stages(["kd"], plans)

@@ -82,6 +82,9 @@ def precheck(command: str, args: list[str]) -> list[str]:
         with open_dict(cfg):
             del cfg["hydra"]
         config = to_config(cfg)
+        if command == "train" and not config.resume and {"hint", "joint"} & set(config.schedule.stages):
+            from fitnets_cli.hints import plan_from_configs   # torch loads here: the pairs are checked first
+            plan_from_configs(config)
     except Exception as err:
         if debugging(args):
             raise

@@ -50,7 +50,7 @@ class TeacherVariant:
 class Network:
     """Where a teacher or student comes from: exactly one of `layers` (the paper's maxout networks, as
     data), `arch` (a torchvision.models builder) or `_target_` (any nn.Module class or factory)."""
-    name: str = MISSING
+    name: Optional[str] = None          # None: the arch or _target_
     layers: List[Layer] = field(default_factory=list)
     arch: Optional[str] = None          # torchvision.models.<arch>(num_classes=..., weights=None, **kwargs)
     _target_: Optional[str] = None      # dotted path, called with kwargs (and num_classes if it takes it)
@@ -59,9 +59,10 @@ class Network:
 
     def __post_init__(self):
         given = [k for k in ("layers", "arch", "_target_") if getattr(self, k)]
-        _require(len(given) == 1, f"network {self.name!r} sets {' and '.join(given) or 'none'} of layers (the "
-                 "paper's maxout nets), arch (torchvision) and _target_ (your nn.Module); set exactly one, "
-                 "e.g. teacher=torchvision teacher.arch=resnet18 or teacher=module teacher._target_=pkg.Net")
+        _require(len(given) == 1, f"a network sets {' and '.join(given) or 'none'} of layers (the paper's maxout "
+                 "nets), arch (torchvision) and _target_ (your nn.Module); set exactly one, e.g. "
+                 "teacher=torchvision teacher.arch=resnet18 or teacher=module teacher._target_=pkg.Net")
+        self.name = self.name or self.arch or self._target_
         _require(not (self.layers and self.kwargs), f"network {self.name!r}: keyword arguments "
                  f"{sorted(self.kwargs)} apply to arch or _target_ networks, not to maxout layers")
 

@@ -9,14 +9,14 @@ Regressors (hints.regressor):
   1x1      a 1x1 conv, for maps of the same size
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rich.table import Table
 from torch import nn
 
 from fitnets_cli.config import ConfigError, Layer
 from fitnets_cli.models import MaxoutLayer, init_uniform
-from fitnets_cli.networks import check_tap
+from fitnets_cli.networks import build_network, check_tap
 
 
 @dataclass
@@ -59,6 +59,13 @@ def plan_hints(teacher, student, pairs, hints) -> list[HintPlan]:
         plans.append(plan(hint, guided, teacher, student.shapes[guided], hints))
     order = list(student.shapes)
     return sorted(plans, key=lambda p: order.index(p.guided))
+
+
+def plan_from_configs(cfg) -> list[HintPlan]:
+    """The hint plan of a `train` config from its networks as configured: no weights, no teacher lookup."""
+    shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
+    teacher, student = (build_network(replace(net, weights=None), shape, classes) for net in (cfg.teacher, cfg.student))
+    return plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
 
 
 def plan(hint: str, guided: str, teacher, guided_shape: tuple, hints) -> HintPlan:
