@@ -72,7 +72,7 @@ class Tapped(nn.Module):
                       -kv[0].count("."))) if node in shape}
         self.shapes = {tap: shape[node] for tap, node in self._node.items()}
         modules = dict(model.named_modules())
-        self.blocks = [t for t in self.shapes if t in modules or re.sub(r"_\d+$", "", t) in modules]
+        self.blocks = [t for t in self.shapes if t in modules or call_of(t) in modules]
         self.groups = [path for path, child in model.named_children() if path in self.shapes
                        and any(list(grandchild.children()) for grandchild in child.children())]
 
@@ -105,13 +105,14 @@ class Tapped(nn.Module):
     def depends(self, name: str) -> list[nn.Module]:
         """The modules that own the parameters and buffers on the way to the tap."""
         gm = self._extract({self._node[name]})
-        return [m for m in gm.modules() if m is not gm and (m._parameters or m._buffers)]
+        owns = lambda m: list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        return [m for m in gm.modules() if m is not gm and owns(m)]
 
     def nonlinearity(self, name: str) -> tuple[str, int]:
         """relu where the tap is a ReLU's output (a module or F.relu), else linear."""
-        node = self._node[name]
-        module = dict(self.model.named_modules()).get(re.sub(r"_\d+$", "", node))
-        relu = isinstance(module, nn.ReLU) or (module is None and re.sub(r"_\d+$", "", node).endswith("relu"))
+        node = call_of(self._node[name])
+        module = dict(self.model.named_modules()).get(node)
+        relu = isinstance(module, nn.ReLU) or (module is None and node.endswith("relu"))
         return ("relu", 1) if relu else ("linear", 1)
 
     def compile(self, **kwargs) -> None:
@@ -127,12 +128,16 @@ def tap_names(nodes: list[str], leaves: set[str]) -> dict[str, str]:
     gets path_0 ... path_{k-1}, so that its bare path, which would be ambiguous, names no tap."""
     calls = {}
     for node in nodes:
-        base = re.sub(r"_\d+$", "", node)
-        calls.setdefault(base if base in leaves else node, []).append(node)
+        calls.setdefault(call_of(node) if call_of(node) in leaves else node, []).append(node)
     taps = {}
     for base, called in calls.items():
         taps.update({f"{base}_{i}": n for i, n in enumerate(called)} if len(called) > 1 else {called[0]: called[0]})
     return taps
+
+
+def call_of(node: str) -> str:
+    """The module path or op of an FX node name, less FX's call counter (`layer1.0.relu_1` -> `layer1.0.relu`)."""
+    return re.sub(r"_\d+$", "", node)
 
 
 def check_tap(net, name: str, role: str) -> None:
