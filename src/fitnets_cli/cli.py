@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
+from rich.markup import escape
 
 from fitnets_cli.config import ConfigError, to_config
 from fitnets_cli.ui import console, errors
@@ -83,9 +84,9 @@ def precheck(command: str, args: list[str]) -> list[str]:
     except Exception as err:
         if debugging(args):
             raise
-        hint = ("; Hydra's launcher plugins come with `pip install 'fitnets-cli[cluster]'`"
-                if "hydra/launcher" in one_line(err) else "")
-        errors.print(f"[bold red]error:[/] {one_line(err)}{hint}")
+        hint = ("; Hydra's launcher plugins come with `pip install '.[cluster]'`, run in the root of the fitnets "
+                "clone" if "hydra/launcher" in one_line(err) else "")
+        errors.print(f"[bold red]error:[/] {escape(one_line(err) + hint)}")
         sys.exit(2)
     if config.resume:
         if not (Path(config.resume) / "config_resolved.yaml").is_file():
@@ -137,7 +138,7 @@ def distributed(command: str, args: list[str]) -> list[str]:
 
 
 def fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}")
+    errors.print(f"[bold red]error:[/] {escape(message)}")   # messages quote overrides such as [a,b]
     sys.exit(2)
 
 
@@ -153,7 +154,7 @@ def task(cfg: DictConfig):
     except train.AlreadyFinished as done:
         console.print(str(done))
     except train.Interrupted as stopped:
-        errors.print(f"stopped by {stopped}")
+        errors.print(f"stopped by {escape(str(stopped))}")
         sys.exit(128 + (train.STOP or [signal.SIGTERM])[0])   # empty: another torchrun rank was signalled
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was trained")
