@@ -44,6 +44,7 @@ PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
     "fitnet_mnist/maxout MNIST": (["dataset=mnist", "student=fitnet_mnist"], (1, 28, 28), 50_000),
 }
+LAM = 4.0   # the KD weight of the (a) and (c) steps: lam at the start of stage 2, where (b) is timed
 
 
 def setup(overrides, device, tb_dir):
@@ -65,16 +66,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def floor_loss(s, stage, x, y):
+    """The bare step's loss: the teacher as deep as the stage needs, the student, the loss; nothing else."""
+    with torch.no_grad():
+        target = s.teacher(x, upto=stage.plans[0].hint if stage.kind == "hint" else None)
+    if stage.kind == "hint":
+        plan = stage.plans[0]
+        return hint_loss(target, s.regressors[plan.guided](s.student(x, upto=plan.guided)), s.cfg.hints.reduction)
+    return kd_loss(s.student(x), target, y, s.cfg.recipe.kd.tau, LAM)[0]
+
+
 def floor_step(s, stage, x, y, opt):
-    """One bare step: the forward passes the method needs, the loss, backward, optimiser."""
+    """One bare step: floor_loss, backward, optimiser."""
     with autocast(s):
-        with torch.no_grad():
-            target = s.teacher(x, upto=stage.plans[0].hint if stage.kind == "hint" else None)
-        if stage.kind == "hint":
-            plan = stage.plans[0]
-            loss = hint_loss(target, s.regressors[plan.guided](s.student(x, upto=plan.guided)))
-        else:
-            loss = kd_loss(s.student(x), target, y, 3.0, 4.0)[0]
+        loss = floor_loss(s, stage, x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -87,8 +92,8 @@ def conventional_loss(s, stage, x, y):
         t = s.teacher.taps(x, [None] + ([plan.hint] if plan else []))
     out = s.student.taps(x, [None] + ([plan.guided] if plan else []))
     if plan:
-        return hint_loss(t[plan.hint], s.regressors[plan.guided](out[plan.guided]))
-    return kd_loss(out[None], t[None], y, 3.0, 4.0)[0]
+        return hint_loss(t[plan.hint], s.regressors[plan.guided](out[plan.guided]), s.cfg.hints.reduction)
+    return kd_loss(out[None], t[None], y, s.cfg.recipe.kd.tau, LAM)[0]
 
 
 class UInt8Images(torch.utils.data.Dataset):
