@@ -45,6 +45,7 @@ PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
     "fitnet_mnist/maxout MNIST": (["dataset=mnist", "student=fitnet_mnist"], (1, 28, 28), 50_000),
 }
+LAM = 4.0   # the KD weight of the (a) and (c) steps: lam at the start of stage 2, where (b) is timed
 
 
 def setup(overrides, device, tb_dir):
@@ -66,18 +67,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def floor_loss(s, stage, x, y):
+    """The bare step's loss: the teacher as deep as the stage needs, the student, the loss; nothing else."""
+    tap = stage.plans[0].hint if stage.kind == "hint" else None
+    with torch.no_grad():
+        target = s.teacher.taps(x, [tap])[tap]
+    if stage.kind == "hint":
+        plan = stage.plans[0]
+        guided = s.student.taps(x, [plan.guided])[plan.guided]
+        return hint_loss(target, s.regressors[key(plan.guided)](guided), s.cfg.hints.reduction)
+    return kd_loss(s.student(x), target, y, s.cfg.recipe.kd.tau, LAM)[0]
+
+
 def floor_step(s, stage, x, y, opt):
-    """One bare step: the forward passes the method needs, the loss, backward, optimiser."""
+    """One bare step: floor_loss, backward, optimiser."""
     with autocast(s):
-        tap = stage.plans[0].hint if stage.kind == "hint" else None
-        with torch.no_grad():
-            target = s.teacher.taps(x, [tap])[tap]
-        if stage.kind == "hint":
-            plan = stage.plans[0]
-            guided = s.student.taps(x, [plan.guided])[plan.guided]
-            loss = hint_loss(target, s.regressors[key(plan.guided)](guided))
-        else:
-            loss = kd_loss(s.student(x), target, y, 3.0, 4.0)[0]
+        loss = floor_loss(s, stage, x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -90,8 +95,8 @@ def conventional_loss(s, stage, x, y):
         t = s.teacher.taps(x, [None] + ([plan.hint] if plan else []))
     out = s.student.taps(x, [None] + ([plan.guided] if plan else []))
     if plan:
-        return hint_loss(t[plan.hint], s.regressors[key(plan.guided)](out[plan.guided]))
-    return kd_loss(out[None], t[None], y, 3.0, 4.0)[0]
+        return hint_loss(t[plan.hint], s.regressors[key(plan.guided)](out[plan.guided]), s.cfg.hints.reduction)
+    return kd_loss(out[None], t[None], y, s.cfg.recipe.kd.tau, LAM)[0]
 
 
 class UInt8Images(torch.utils.data.Dataset):

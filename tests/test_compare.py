@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import statistics
+import struct
 from importlib import resources
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 from fitnets_cli.hints import plan_hints
 from fitnets_cli.networks import build_network
 
-from conftest import fitnets, write_tiny_mnist
+from helpers import fitnets, write_cifar, write_svhn, write_tiny_mnist
 
 EXPERIMENTS = sorted(p.name[:-5] for p in resources.files("fitnets_cli.conf").joinpath("experiment").iterdir()
                      if p.name.endswith(".yaml"))
@@ -38,14 +39,37 @@ def compare_json(*args):
     return json.loads(fitnets("compare", *args, "speed.repeats=1", "speed.warmup=0", "format=json").stdout)
 
 
+def md_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of cells of a markdown table."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return cells[0], cells[2:]
+
+
+@pytest.fixture(scope="module")
+def tables(sweep, tmp_path_factory):
+    """The sweep compared once in each output: JSON (latency measured), CSV, markdown to a file with the plots,
+    and markdown of test error."""
+    out = tmp_path_factory.mktemp("tables")
+    runs, fast = f"runs={sweep}", "speed.enabled=false"
+    fitnets("compare", runs, fast, "format=md", f"out={out / 'table.md'}", f"plots={out / 'plots'}")
+    return {"json": compare_json(runs),
+            "csv": list(csv.DictReader(io.StringIO(fitnets("compare", runs, fast, "format=csv").stdout))),
+            "md": (out / "table.md").read_text(),
+            "error": fitnets("compare", runs, fast, "format=md", "metric=error").stdout,
+            "plots": out / "plots"}
+
+
 def test_the_preset_sweep_runs_teacher_and_all_three_schedules(sweep):
-    runs = sorted(p.parent for p in sweep.rglob("metrics.json"))
-    roles = sorted((json.loads((r / "metrics.json").read_text())["schedule"]) for r in runs)
-    assert roles == ["backprop", "backprop", "fitnets", "fitnets", "kd", "kd", "teacher"]
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.rglob("metrics.json"))]
+    assert sorted(m["schedule"] for m in runs) == ["backprop", "backprop", "fitnets", "fitnets", "kd", "kd", "teacher"]
+    stages = {"teacher": ["ce"], "backprop": ["ce"], "kd": ["kd"], "fitnets": ["hint:conv4<-conv2", "kd"]}
+    for m in runs:
+        assert [(s["name"], s["epochs"]) for s in m["stages"]] == [(name, 2) for name in stages[m["schedule"]]]
 
 
-def test_compare_groups_seeds_into_mean_and_sample_std(sweep):
-    rows = compare_json(f"runs={sweep}")
+def test_compare_groups_seeds_into_mean_and_sample_std(tables):
+    rows = tables["json"]
     assert [(r["model"], r["schedule"], r["seeds"]) for r in rows] == [
         ("maxout", "", 1), ("fitnet_mnist", "backprop", 2), ("fitnet_mnist", "kd", 2), ("fitnet_mnist", "fitnets", 2)]
     for row in rows[1:]:
@@ -54,45 +78,43 @@ def test_compare_groups_seeds_into_mean_and_sample_std(sweep):
         assert row["test_acc_std"] == pytest.approx(statistics.stdev(accs))
         assert row["gap_teacher"] == pytest.approx(row["test_acc"] - rows[0]["test_acc"])
         assert row["compression"] == pytest.approx(rows[0]["params"] / row["params"])
-        assert row["speedup"] > 0 and row["latency_ms"] > 0
+        assert row["speedup"] == pytest.approx(rows[0]["latency_ms"] / row["latency_ms"])
+        # One architecture, so one measurement: the three student rows share it.
+        assert row["latency_ms"] == rows[1]["latency_ms"] > 0
     assert rows[3]["gap_backprop"] == pytest.approx(rows[3]["test_acc"] - rows[1]["test_acc"])
-    assert "gap_backprop" not in rows[1] or rows[1]["gap_backprop"] is None
+    assert rows[1]["gap_backprop"] is None
 
 
-def test_every_output_format_parses_back(sweep, tmp_path):
-    as_json = compare_json(f"runs={sweep}")
-    out = fitnets("compare", f"runs={sweep}", "speed.enabled=false", "format=csv").stdout
-    as_csv = list(csv.DictReader(io.StringIO(out)))
+def test_every_output_format_parses_back(tables):
+    as_json, as_csv = tables["json"], tables["csv"]
     assert [r["schedule"] for r in as_csv] == [r["schedule"] for r in as_json]
     assert [float(r["test_acc"]) for r in as_csv] == pytest.approx([r["test_acc"] for r in as_json])
-    md = tmp_path / "table.md"
-    fitnets("compare", f"runs={sweep}", "speed.enabled=false", "format=md", f"out={md}")
-    lines = [l for l in md.read_text().splitlines() if l.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+    assert [float(r["test_error"]) for r in as_csv] == pytest.approx([100 - r["test_acc"] for r in as_json])
+    assert [int(r["params"]) for r in as_csv] == [r["params"] for r in as_json]
+    header, cells = md_table(tables["md"])
     assert len(cells) == 4 and all(len(c) == len(header) for c in cells)
     acc = header.index("test acc % best-valid")
-    assert float(cells[1][acc].split(" ± ")[0]) == pytest.approx(as_json[1]["test_acc"], abs=0.006)
+    for row, r in zip(cells, as_json):
+        assert row[acc] == f"{r['test_acc']:.2f}" + (f" ± {r['test_acc_std']:.2f}" if r["seeds"] > 1 else "")
     assert isinstance(as_json[1]["params"], int) and isinstance(as_json[1]["test_acc"], float)
-    assert [float(r["test_error"]) for r in as_csv] == pytest.approx([100 - r["test_acc"] for r in as_json])
 
 
-def test_metric_error_shows_test_error_and_error_gaps(sweep):
-    as_json = compare_json(f"runs={sweep}")
-    out = fitnets("compare", f"runs={sweep}", "speed.enabled=false", "format=md", "metric=error").stdout
-    lines = [l for l in out.splitlines() if l.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+def test_metric_error_shows_test_error_and_error_gaps(tables):
+    as_json = tables["json"]
+    header, cells = md_table(tables["error"])
     err, gap = header.index("test error % best-valid"), header.index("vs teacher")
-    assert float(cells[1][err].split(" ± ")[0]) == pytest.approx(100 - as_json[1]["test_acc"], abs=0.006)
-    assert float(cells[1][gap]) == pytest.approx(-as_json[1]["gap_teacher"], abs=0.006)
+    for row, r in zip(cells[1:], as_json[1:]):
+        assert float(row[err].split(" ± ")[0]) == pytest.approx(100 - r["test_acc"], abs=0.006)
+        assert float(row[gap]) == pytest.approx(-r["gap_teacher"], abs=0.006)
 
 
-def test_plots_are_written_and_not_empty(sweep, tmp_path):
-    fitnets("compare", f"runs={sweep}", "speed.enabled=false", f"plots={tmp_path}")
-    for name in ("acc_vs_mults.png", "acc_vs_params.png", "curves.png"):
-        data = (tmp_path / name).read_bytes()
-        assert data.startswith(b"\x89PNG") and len(data) > 10_000, name
+def test_plots_are_written_whole_at_their_size(tables):
+    # figsize x dpi 120: the trade-off plots 7 x 4.5 inches, the curves 15 x 4.5
+    sizes = {"acc_vs_mults.png": (840, 540), "acc_vs_params.png": (840, 540), "curves.png": (1800, 540)}
+    assert sorted(p.name for p in tables["plots"].iterdir()) == sorted(sizes)    # no temporary file left
+    for name, size in sizes.items():
+        data = (tables["plots"] / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and struct.unpack(">II", data[16:24]) == size, name
 
 
 def test_runs_that_differ_beyond_the_seed_are_labelled_apart(sweep, tiny, tmp_path):
@@ -119,7 +141,9 @@ def test_table5_architecture_comparison_reproduces_the_paper_counts():
     assert rows["fitnet4"]["compression"] == pytest.approx(3.60, rel=0.02)
     # 12x fewer multiplications than FitNet 4: faster even on a busy machine (FitNet 4 vs the teacher,
     # 1.9x fewer, is too close to assert under load)
-    assert rows["fitnet1"]["speedup"] > rows["fitnet4"]["speedup"] > 0
+    assert rows["fitnet1"]["speedup"] > rows["fitnet4"]["speedup"]
+    for name in ("fitnet1", "fitnet2", "fitnet3", "fitnet4"):
+        assert rows[name]["speedup"] == pytest.approx(rows["maxout"]["latency_ms"] / rows[name]["latency_ms"])
 
 
 def test_the_issue_presets_exist():
@@ -143,37 +167,52 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
                        cfg.hints.pairs, cfg.hints)
 
 
-def write_svhn(root, rng):
-    import scipy.io
-    for split, per_class in (("train", 4), ("test", 2), ("extra", 3)):
-        labels = np.repeat(np.arange(1, 11), per_class)
-        scipy.io.savemat(root / f"{split}_32x32.mat",
-                         {"X": rng.integers(0, 256, (32, 32, 3, len(labels)), dtype=np.uint8), "y": labels[:, None]})
+@pytest.fixture(scope="module")
+def preset_data(tmp_path_factory):
+    """A data root per preset: 20 training and 10 test images of CIFAR-10 (shared by two presets, which then
+    share its whitening cache) and of CIFAR-100, and tiny SVHN."""
+    root = tmp_path_factory.mktemp("presets")
+    rng = np.random.default_rng(0)
+    for name in ("cifar10", "cifar100"):
+        write_cifar(root / name, name, 20, 10, rng)
+    (root / "svhn").mkdir()
+    write_svhn(root / "svhn", rng)
+    return {"cifar10_table5": root / "cifar10", "depth_study": root / "cifar10", "cifar100": root / "cifar100",
+            "svhn": root / "svhn"}
 
 
-@pytest.mark.parametrize("experiment,valid", [("cifar10_table5", 10), ("cifar100", 100), ("svhn", 30), ("depth_study", 10)])
-def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, tmp_path, monkeypatch):
+PRESET_JOBS = {  # (student, schedule) of every job; whether the preset retrains on train + valid
+    "cifar10_table5": ([(f"fitnet{i}", "fitnets") for i in range(1, 5)], True),
+    "cifar100": ([("fitnet4", "fitnets")], True),
+    "svhn": ([("fitnet3", "fitnets"), ("fitnet4", "fitnets")], False),
+    "depth_study": ([(f"depth{d}_{b}", s) for d in (5, 7, 9, 11) for b in ("30m", "107m")
+                     for s in ("backprop", "kd", "fitnets")], False),
+}
+
+
+@pytest.mark.parametrize("experiment,valid", [("cifar10_table5", 10), ("cifar100", 10), ("svhn", 30), ("depth_study", 10)])
+def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, preset_data, tmp_path, monkeypatch):
     """In-process, so that torchvision accepts tiny files whose MD5 sums cannot match the real ones."""
     import torchvision
     from fitnets_cli import cli
-    from test_data import write_cifar
 
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
     monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args: True)
-    rng = np.random.default_rng(0)
-    if experiment == "svhn":
-        write_svhn(tmp_path, rng)
-    else:
-        name, classes = ("cifar100", 100) if experiment == "cifar100" else ("cifar10", 10)
-        write_cifar(tmp_path, name, 2 if name == "cifar100" else 5, 1, classes, rng)
     sweep = tmp_path / "sweep"
     monkeypatch.setattr("sys.argv", ["fitnets", "train", "-m", f"experiment={experiment}", "seed=0",
-                                     f"data.root={tmp_path}", f"dataset.valid_size={valid}",
+                                     f"data.root={preset_data[experiment]}", f"dataset.valid_size={valid}",
                                      f"teacher_store={tmp_path / 'teachers'}", "recipe.teacher.max_epochs=1",
                                      "recipe.student.max_epochs=1", "device=cpu", f"hydra.sweep.dir={sweep}"])
     cli.main()
-    jobs = {"cifar10_table5": 4, "cifar100": 1, "svhn": 2, "depth_study": 24}[experiment]
+    jobs, retrain = PRESET_JOBS[experiment]
     runs = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
-    assert len(runs) == jobs + 1 and sum(r["role"] == "teacher" for r in runs) == 1
+    [teacher] = [m for m in runs if m["role"] == "teacher"]
+    students = [m for m in runs if m["role"] == "student"]
+    assert sorted((m["model"], m["schedule"]) for m in students) == sorted(jobs) and len(runs) == len(jobs) + 1
+    for m in runs:
+        kinds = {"teacher": 1, "backprop": 1, "kd": 1, "fitnets": 2}[m["schedule"]]
+        assert [s["epochs"] for s in m["stages"]] == [1] * kinds
+        assert [r["name"] for r in m.get("retrain", [])] == ([f"retrain/{s['name']}" for s in m["stages"]]
+                                                            if retrain else [])
     rows = compare_json(f"runs={sweep}", "speed.enabled=false")
-    assert len(rows) == jobs + 1 and rows[0]["role"] == "teacher"
+    assert len(rows) == len(jobs) + 1 and rows[0]["role"] == "teacher" and rows[0]["dataset"] == teacher["dataset"]

@@ -1,13 +1,11 @@
-import pickle
-
 import numpy as np
 import pytest
-import scipy.io
 import torch
 import torchvision
 
 from fitnets_cli.config import ConfigError, Data
 from fitnets_cli.data import augment, gcn, lecun_lcn, load_data, stratified_split, zca_apply, zca_fit
+from helpers import fitnets, write_cifar, write_svhn, write_tiny_mnist
 
 
 def dataset_cfg(make_config, name, **overrides):
@@ -19,9 +17,13 @@ def test_mnist_loads_from_official_idx_files(make_config, tiny_mnist):
     splits = load_data(dataset_cfg(make_config, "mnist", valid_size=50), Data(root=str(tiny_mnist)), "cpu")
     x, y = splits.train
     assert x.shape == (150, 1, 28, 28) and x.dtype == torch.float32
-    assert 0 <= x.min() and x.max() == 1.0
     assert len(splits.valid[0]) == 50 and torch.bincount(splits.valid[1]).tolist() == [5] * 10
-    assert splits.test[0].shape == (50, 1, 28, 28)
+    # The test split keeps the file's order: its images are the file's bytes scaled to [0, 1].
+    raw = tiny_mnist / "MNIST" / "raw"
+    images = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(50, 1, 28, 28)
+    labels = np.frombuffer((raw / "t10k-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
+    assert torch.equal(splits.test[0], torch.from_numpy(images.copy()).float() / 255)
+    assert torch.equal(splits.test[1], torch.from_numpy(labels.astype(np.int64)))
 
 
 def test_the_shipped_mnist_subset_loads_without_files(make_config, tmp_path):
@@ -35,31 +37,11 @@ def test_missing_dataset_names_the_fix(make_config, tmp_path):
         load_data(dataset_cfg(make_config, "mnist"), Data(root=str(tmp_path / "nowhere")), "cpu")
 
 
-def write_cifar(root, name, per_class_train, per_class_test, classes, rng):
-    folder, label_key = ("cifar-10-batches-py", "labels") if name == "cifar10" else ("cifar-100-python", "fine_labels")
-    d = root / folder
-    d.mkdir(parents=True)
-
-    def batch(per_class):
-        labels = np.repeat(np.arange(classes), per_class)
-        return {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), label_key: labels.tolist()}
-
-    if name == "cifar10":
-        files = {f"data_batch_{i}": batch(per_class_train // 5) for i in range(1, 6)}
-        files.update(test_batch=batch(per_class_test), **{"batches.meta": {"label_names": [str(i) for i in range(10)]}})
-    else:
-        files = {"train": batch(per_class_train), "test": batch(per_class_test),
-                 "meta": {"fine_label_names": [str(i) for i in range(classes)]}}
-    for fname, obj in files.items():
-        with open(d / fname, "wb") as f:
-            pickle.dump(obj, f)
-
-
 @pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_loads_from_official_pickles_with_gcn_zca_cached(make_config, tmp_path, monkeypatch, name, classes):
     # The tiny files cannot match torchvision's MD5 sums; everything else is torchvision's real reader.
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
-    write_cifar(tmp_path, name, 5, 1, classes, np.random.default_rng(0))
+    write_cifar(tmp_path, name, 5 * classes, classes, np.random.default_rng(0))
     ds = dataset_cfg(make_config, name, valid_size=classes)
     splits = load_data(ds, Data(root=str(tmp_path)), "cpu")
     assert splits.train[0].shape == (4 * classes, 3, 32, 32) and len(splits.valid[0]) == classes
@@ -67,23 +49,43 @@ def test_cifar_loads_from_official_pickles_with_gcn_zca_cached(make_config, tmp_
     assert sorted(splits.valid[1].tolist()) == list(range(classes))
     cache = list((tmp_path / "fitnets_cache").glob(f"{name}-gcn_zca-*.pt"))
     assert len(cache) == 1
+    monkeypatch.setattr("fitnets_cli.data.zca_fit", None)      # the second load must not whiten again
     again = load_data(ds, Data(root=str(tmp_path)), "cpu")
     assert torch.equal(again.train[0], splits.train[0])
 
 
 def test_svhn_loads_from_official_mat_files_with_the_extra_split(make_config, tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args: True)
-    rng = np.random.default_rng(0)
-    for split, per_class in (("train", 4), ("test", 2), ("extra", 3)):
-        labels = np.repeat(np.arange(1, 11), per_class)       # SVHN stores digit 0 as label 10
-        scipy.io.savemat(tmp_path / f"{split}_32x32.mat",
-                         {"X": rng.integers(0, 256, (32, 32, 3, len(labels)), dtype=np.uint8), "y": labels[:, None]})
+    write_svhn(tmp_path, np.random.default_rng(0))
     splits = load_data(dataset_cfg(make_config, "svhn", valid_size=30), Data(root=str(tmp_path)), "cpu")
     # valid: 2 per class from train + 1 per class from extra; train: the rest of train + extra.
     assert len(splits.valid[0]) == 30 and len(splits.train[0]) == 40 + 30 - 30
     assert torch.bincount(splits.valid[1]).tolist() == [3] * 10
     assert set(splits.test[1].tolist()) == set(range(10))
     assert torch.isfinite(splits.train[0]).all()
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100", "svhn"])
+def test_garbled_dataset_files_stop_in_one_line_naming_the_folder(name, tmp_path):
+    rng = np.random.default_rng(0)
+    if name == "mnist":
+        folder = write_tiny_mnist(tmp_path) / "MNIST" / "raw"
+        garbled = folder / "train-images-idx3-ubyte"
+    elif name == "svhn":
+        write_svhn(tmp_path, rng)
+        folder, garbled = tmp_path, tmp_path / "train_32x32.mat"
+    else:
+        folder = write_cifar(tmp_path, name, 20, 10, rng)
+        garbled = folder / ("data_batch_1" if name == "cifar10" else "train")
+    # The right name and size, random bytes: what a damaged copy or download leaves.
+    garbled.write_bytes(rng.bytes(garbled.stat().st_size))
+    proc = fitnets("train-teacher", f"dataset={name}", f"data.root={tmp_path}", "device=cpu",
+                   f"hydra.run.dir={tmp_path / 'run'}", check=False, md5=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert f"dataset {name} is missing or unreadable in {folder} (" in line, line
+    assert line.endswith("or delete them and pass data.download=true")
+    assert not (tmp_path / "run" / "checkpoints").exists()     # it stopped before training
 
 
 def test_stratified_split_is_seeded_disjoint_and_balanced():

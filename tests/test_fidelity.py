@@ -17,7 +17,7 @@ from fitnets_cli import config
 from fitnets_cli.data import load_data
 from fitnets_cli.train import set_hyper
 
-from conftest import fitnets
+from helpers import fitnets
 
 
 def optimizer_for(optim):

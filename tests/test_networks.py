@@ -21,7 +21,7 @@ from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.networks import build_network
 from fitnets_cli.train import Session, make_stages, run_stages, stage_loss
 
-from conftest import tiny_overrides, write_tiny_mnist
+from helpers import tiny_overrides, write_tiny_mnist
 
 USER_NET = '''
 import torch.nn.functional as F

@@ -1,32 +1,36 @@
-"""Resume, signals, atomic outputs, bad input and provenance, through the real entry point."""
+"""Resume, signals, atomic outputs, a full disk, bad input and provenance, through the real entry point."""
 
+import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from importlib.metadata import version
 
 import pytest
 import torch
 
-from conftest import fitnets
-from fitnets_cli.checkpoint import atomic_write, write_json
+from fitnets_cli import checkpoint, cli
+from fitnets_cli.checkpoint import DiskFull, atomic_write, write_json
+from fitnets_cli.compare import load_student
+from fitnets_cli.models import build_net
+from helpers import fitnets, signal_when, start
 
-RUN = ["student=fitnet_mnist", "schedule=fitnets", "recipe.student.max_epochs=10", "recipe.student.batch_size=8",
-       "recipe.student.patience=10", "deterministic=true"]
+# Five epochs a stage leave room to stop a run in stage 1, at the boundary and in stage 2.
+RUN = ["student=fitnet_mnist", "schedule=fitnets", "recipe.student.max_epochs=5", "recipe.student.batch_size=8",
+       "recipe.student.patience=5", "deterministic=true"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Tiny MNIST, a trained teacher, and the reference run that nobody interrupts."""
-    from conftest import tiny_teacher
-    root = tmp_path_factory.mktemp("reliable")
-    base = tiny_teacher(root)
-    fitnets("train", *base, *RUN, f"hydra.run.dir={root / 'reference'}")
-    return root, base
+def setup(teacher, tmp_path_factory):
+    """The shared tiny teacher, and the reference run that nobody interrupts: (root, overrides, reference)."""
+    root, base = teacher
+    reference = tmp_path_factory.mktemp("reliable") / "reference"
+    fitnets("train", *base, *RUN, f"hydra.run.dir={reference}")
+    return root, base, reference
 
 
 def outcome(run):
@@ -45,23 +49,11 @@ def assert_same_run(a, b):
 
 
 def interrupt_when(setup, tmp_path, condition, sig, extra=()):
-    root, base = setup
+    """Start RUN in tmp_path/run and send `sig` once its checkpoint satisfies `condition`."""
+    _, base, _ = setup
     run = tmp_path / "run"
-    env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "fitnets_cli", "train", *base, *RUN, *extra, f"hydra.run.dir={run}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    last = run / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists():
-            try:
-                state = torch.load(last, weights_only=True)
-            except Exception:
-                state = None
-            if state is not None and condition(state):
-                proc.send_signal(sig)
-                break
-        time.sleep(0.005)
+    proc = start("train", *base, *RUN, *extra, f"hydra.run.dir={run}")
+    signal_when(proc, run / "checkpoints" / "last.pt", condition, sig)
     out, err = proc.communicate(timeout=300)
     assert not (run / "metrics.json").exists(), "the run finished before it could be interrupted"
     return run, proc.returncode, err
@@ -75,14 +67,14 @@ def test_sigterm_in_stage_one_checkpoints_mid_epoch_and_resumes_exactly(setup, t
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["stage"] == 0 and state["at"]["batch"] > 0            # inside an epoch
     fitnets("train", f"resume={run}")
-    assert_same_run(setup[0] / "reference", run)
+    assert_same_run(setup[2], run)
 
 
 def test_sigkill_at_the_stage_boundary_resumes_exactly(setup, tmp_path):
     run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["stage"] == 1 and s["at"] is None, signal.SIGKILL)
     assert rc == -signal.SIGKILL
     fitnets("train", f"resume={run}")
-    assert_same_run(setup[0] / "reference", run)
+    assert_same_run(setup[2], run)
 
 
 def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(setup, tmp_path):
@@ -90,7 +82,7 @@ def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(s
                                 signal.SIGKILL)
     assert rc == -signal.SIGKILL
     fitnets("train", f"resume={run}")
-    assert_same_run(setup[0] / "reference", run)
+    assert_same_run(setup[2], run)
     before = (run / "metrics.json").read_bytes()
     proc = fitnets("train", f"resume={run}")
     assert "already finished" in proc.stdout and (run / "metrics.json").read_bytes() == before
@@ -100,7 +92,7 @@ def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(s
 
 
 def test_a_kill_while_retraining_with_augmentation_resumes_exactly(setup, tmp_path):
-    root, base = setup
+    _, base, _ = setup
     extra = ["recipe.retrain_full=true", "dataset.augment.flip=true", "dataset.augment.pad=2",
              "recipe.student.max_epochs=4", "recipe.student.patience=4"]
     fitnets("train", *base, *RUN, *extra, f"hydra.run.dir={tmp_path / 'reference'}")
@@ -114,9 +106,9 @@ def test_a_kill_while_retraining_with_augmentation_resumes_exactly(setup, tmp_pa
 
 
 def test_two_deterministic_runs_are_identical_and_the_teacher_resumes_too(setup, tmp_path):
-    root, base = setup
+    root, base, reference = setup
     fitnets("train", *base, *RUN, f"hydra.run.dir={tmp_path / 'again'}")
-    assert_same_run(root / "reference", tmp_path / "again")
+    assert_same_run(reference, tmp_path / "again")
     proc = fitnets("train-teacher", f"resume={root / 'teacher'}")
     assert "already finished" in proc.stdout
     proc = fitnets("train", f"resume={root / 'teacher'}", check=False)
@@ -136,8 +128,105 @@ def test_a_crash_mid_write_leaves_the_previous_file_valid(tmp_path):
     assert json.loads(target.read_text()) == {"epoch": 1}
 
 
+# ---------------------------------------------------------------- a full disk
+
+BACKPROP = ["student=fitnet_mnist", "schedule=backprop", "recipe.student.max_epochs=3"]
+
+
+def checkpoint_files(run):
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(kib): a tmpfs of that size at tmp_path/disk (root only; skipped where mounting is not allowed),
+    remounted larger by calling it again, unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = []
+
+    def mount(kib):
+        options = ["-o", f"remount,size={kib}k"] if mounted else ["-o", f"size={kib}k"]
+        proc = subprocess.run(["mount", "-t", "tmpfs", *options, "tmpfs", str(disk)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(kib)
+        return disk
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_stops_in_one_line_and_the_run_resumes_from_its_last_checkpoint(setup, tmpfs):
+    _, base, _ = setup
+    net = build_net(load_student("fitnet_mnist").layers, (1, 28, 28), 10)
+    weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    # An epoch's checkpoint holds the weights three times (weights, RMSProp state, best weights), and the atomic
+    # write holds the old checkpoint and the new one at once: beside the run's small files (about 40 KiB) the
+    # disk takes the first epoch's checkpoint and fails the second's.
+    run = tmpfs((64 * 1024 + int(4.5 * weights)) // 1024) / "run"
+    proc = fitnets("train", *base, *BACKPROP, f"hydra.run.dir={run}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert f"the disk is full: could not write {run / 'checkpoints' / 'last.pt'} (" in line
+    assert re.search(r"\(\d+(\.\d)? (bytes|KiB) free there, and it needs more than \d+\.\d KiB\)", line), line
+    assert line.endswith(f"continue the run with: fitnets train resume={run}")
+    assert checkpoint_files(run) == ["last.pt"]                       # no temporary file left behind
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["stage"], state["at"]["epoch"], state["at"]["batch"]) == (0, 1, 0)   # after the first epoch
+    tmpfs(4096)
+    fitnets("train", f"resume={run}")
+    assert [s["epochs"] for s in json.loads((run / "metrics.json").read_text())["stages"]] == [3]
+
+
+def test_a_write_that_finds_no_space_reports_it_and_keeps_the_previous_file(setup, tmp_path, monkeypatch, capsys):
+    """The same without root, in-process: the second epoch's checkpoint write fails with ENOSPC."""
+    real_save, saved = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if ".last.pt." in str(f):
+            saved.append(f)
+            if len(saved) == 2:
+                f.write_bytes(b"half a checkpoint")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["fitnets", "train", *setup[1], *BACKPROP, f"hydra.run.dir={run}"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"the disk is full: could not write {run / 'checkpoints' / 'last.pt'} (" in line
+    assert "it needs more than 17 bytes" in line and line.endswith(f"fitnets train resume={run}")
+    assert checkpoint_files(run) == ["last.pt"]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["at"]["epoch"] == 1
+
+
+def test_torchs_errno_less_write_failure_is_told_from_other_errors_by_the_free_space(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    atomic_write(target, lambda tmp: torch.save({"epoch": 1}, tmp))
+
+    def torch_out_of_space(tmp):
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    real_usage = checkpoint.shutil.disk_usage
+    with pytest.raises(RuntimeError, match="unexpected pos"):     # space left: not reported as a full disk
+        atomic_write(target, torch_out_of_space)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4096))
+    with pytest.raises(DiskFull, match=re.escape(f"could not write {target} (4.0 KiB free there, and it needs more "
+                                                 "than 7 bytes); free some space there")):
+        atomic_write(target, torch_out_of_space)
+    assert torch.load(target, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["last.pt"]
+
+
 def test_a_nan_loss_stops_with_the_stage_epoch_and_term_and_keeps_the_last_checkpoint(setup, tmp_path):
-    root, base = setup
+    _, base, _ = setup
     run = tmp_path / "nan"
     proc = fitnets("train", *base, "student=fitnet_mnist", "schedule=backprop", "recipe.student.lr=1e30",
                    "recipe.student.optimizer=sgd", "recipe.student.max_epochs=3", f"hydra.run.dir={run}", check=False)
@@ -147,8 +236,9 @@ def test_a_nan_loss_stops_with_the_stage_epoch_and_term_and_keeps_the_last_check
     assert not (run / "metrics.json").exists()
 
 
-def files_of(path):
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+def files_of(*paths):
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for path in paths for p in sorted(path.rglob("*"))
+            if p.is_file()}
 
 
 @pytest.mark.parametrize("args,message", [
@@ -163,39 +253,40 @@ def files_of(path):
     (["teacher_store=/nonexistent/store"], "train one with `fitnets train-teacher teacher=maxout dataset=mnist`"),
     (["data.root=/nonexistent/data"], "data.download=true"),
     (["hydra.run.dir=/dev/null/run"], "cannot write the output directory"),
+    (["hydra/launcher=ray"], "come with `pip install '.[cluster]'`, run in the root of the fitnets clone"),
 ])
 def test_bad_input_exits_with_one_line_and_writes_nothing(setup, tmp_path, args, message):
-    root, base = setup
-    before = files_of(root)
+    root, base, reference = setup
+    before = files_of(root, reference)
     proc = fitnets("train", *base, "student=fitnet_mnist", f"hydra.run.dir={tmp_path / 'bad'}", *args, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert files_of(root) == before
+    assert files_of(root, reference) == before
 
 
 def test_foreign_and_corrupted_checkpoints_are_refused(setup, tmp_path):
-    root, base = setup
+    root, base, reference = setup
     teacher = root / "teacher" / "checkpoints" / "teacher.pt"
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(teacher.read_bytes()[:1000])
-    before = files_of(root)
+    before = files_of(root, reference)
     for args, message in (([f"checkpoint={truncated}"], "corrupted or not a fitnets checkpoint"),
                           ([f"checkpoint={tmp_path / 'missing.pt'}"], "does not exist")):
         proc = fitnets("eval", *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     for args, message in (([f"teacher.checkpoint={truncated}"], "corrupted"),
-                          ([f"teacher.checkpoint={root / 'reference' / 'checkpoints' / 'student.pt'}"],
+                          ([f"teacher.checkpoint={reference / 'checkpoints' / 'student.pt'}"],
                            "another architecture")):
         proc = fitnets("train", *base, "student=fitnet_mnist", f"hydra.run.dir={tmp_path / 'x'}", *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    assert files_of(root) == before
+    assert files_of(root, reference) == before
 
 
 def test_eval_prints_the_provenance(setup):
-    root, base = setup
+    root, base, reference = setup
     teacher_file = root / "teachers" / "maxout-mnist.pt"
-    proc = fitnets("eval", f"checkpoint={root / 'reference' / 'checkpoints' / 'student.pt'}", base[1])
+    proc = fitnets("eval", f"checkpoint={reference / 'checkpoints' / 'student.pt'}", base[1])
     assert f"torch {version('torch')}" in proc.stdout
     assert hashlib.sha256(teacher_file.read_bytes()).hexdigest() in proc.stdout
     assert "split seed 0" in proc.stdout and "student:" in proc.stdout

@@ -6,13 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import fitnets
+from helpers import fitnets, signal_when, start
 
 # SGD: its update is linear in the gradient, so one process and two ranks stay within float rounding of
 # each other (RMSProp divides by tiny early gradients and amplifies rounding until the runs drift apart).
@@ -21,29 +19,29 @@ RUN = ["student=fitnet_mnist", "schedule=fitnets", "recipe.student.max_epochs=3"
        "recipe.student.init_range=0.05", "deterministic=true"]
 
 
-def torchrun(*args, cwd, wait=True):
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fitnets_cli")
+
+
+def torchrun(*args, cwd):
     """`torchrun --nproc_per_node=2 -m fitnets_cli ...` on CPU (gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fitnets_cli", *map(str, args)]
-    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    proc = start(*args, cwd=cwd, command=TORCHRUN)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"torchrun {' '.join(map(str, args))} failed:\n{out}\n{err}"
+    return out
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A teacher, then the same student run by one process and by two ranks with the same global batch; the
-    distributed run uses the default (timestamped) run directory, in a directory of its own."""
-    from conftest import tiny_teacher
+def runs(teacher, tmp_path_factory):
+    """The same student run by one process and by two ranks with the same global batch: (root, overrides,
+    the single run, the distributed run). The distributed run uses the default (timestamped) run directory,
+    in a directory of its own."""
+    _, base = teacher
     root = tmp_path_factory.mktemp("scale")
-    base = tiny_teacher(root)
     fitnets("train", *base, *RUN, f"hydra.run.dir={root / 'single'}")
     (root / "ddp").mkdir()
     torchrun("train", *base, *RUN, cwd=root / "ddp")
-    return root, base
+    [ddp] = (root / "ddp" / "runs" / "train").iterdir()
+    return root, base, root / "single", ddp
 
 
 def numbers(run: Path) -> list[float]:
@@ -54,32 +52,29 @@ def numbers(run: Path) -> list[float]:
 
 
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs):
-    root, _ = runs
-    [ddp] = (root / "ddp" / "runs" / "train").iterdir()
-    single, distributed = numbers(root / "single"), numbers(ddp)
-    assert len(single) == len(distributed) > 10
+    _, _, single_run, ddp = runs
+    single, distributed = numbers(single_run), numbers(ddp)
+    # 2 stages x 3 epochs: hint loss train/valid, then ce, kd, acc train and loss, acc, error valid; test loss, acc
+    assert len(single) == len(distributed) == 3 * 2 + 3 * 6 + 2
     # Within float rounding: the two ranks sum their halves' gradients in another order.
     assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(single, distributed)), \
         list(zip(single, distributed))
     assert json.loads((ddp / "metrics.json").read_text())["test"]["acc"] == \
-        json.loads((root / "single" / "metrics.json").read_text())["test"]["acc"]
+        json.loads((single_run / "metrics.json").read_text())["test"]["acc"]
 
 
 def test_eval_under_torchrun_splits_the_test_set_and_reports_it_once(runs, tmp_path):
-    root, _ = runs
-    student = root / "single" / "checkpoints" / "student.pt"
-    options = [f"checkpoint={student}", f"data.root={root / 'data'}", "device=cpu"]
-    alone = fitnets("eval", *options).stdout
-    together = torchrun("eval", *options, cwd=tmp_path).stdout
-    row = lambda out: [line for line in out.splitlines() if line.startswith("│ fitnet_mnist")]
-    assert len(row(together)) == 1 and row(together) == row(alone)
+    _, base, single, _ = runs
+    out = torchrun("eval", f"checkpoint={single / 'checkpoints' / 'student.pt'}", base[1], "device=cpu", cwd=tmp_path)
+    [row] = [line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│ fitnet_mnist")]
+    test = json.loads((single / "metrics.json").read_text())["test"]   # what the run measured in one process
+    assert [c.strip() for c in row] == ["fitnet_mnist", "student", "mnist", "mnist", f"{test['acc']:.2%}",
+                                        f"{test['error']:.2%}", f"{test['loss']:.4f}"]
 
 
 def test_all_ranks_share_one_run_directory_and_only_rank_0_writes(runs):
-    root, _ = runs
-    runs_made = list((root / "ddp").rglob("metrics.json"))
-    assert len(runs_made) == 1, runs_made            # ${now:...} resolved once, not once per rank
-    run = runs_made[0].parent
+    root, _, _, run = runs
+    assert list((root / "ddp").rglob("metrics.json")) == [run / "metrics.json"]   # ${now:...} resolved once
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "regressor-conv4.pt", "student.pt"]
     assert not list(run.rglob("*.tmp")) and sorted(p.name for p in (run / ".hydra").iterdir()) == \
         ["config.yaml", "hydra.yaml", "overrides.yaml"]
@@ -89,28 +84,20 @@ def test_all_ranks_share_one_run_directory_and_only_rank_0_writes(runs):
 
 
 def test_a_distributed_run_resumes_after_sigterm(runs, tmp_path):
-    root, base = runs
+    _, base, _, reference = runs
     run = tmp_path / "run"
-    longer = ["recipe.student.max_epochs=6"]
-    proc = torchrun("train", *base, *RUN, *longer, f"hydra.run.dir={run}", cwd=tmp_path, wait=False)
-    last, deadline = run / "checkpoints" / "last.pt", time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            state = torch.load(last, weights_only=True) if last.exists() else None
-        except Exception:
-            state = None
-        if state is not None and state["stage"] == 0 and state["at"] and state["at"]["epoch"] >= 2:
-            proc.send_signal(signal.SIGTERM)   # torchrun passes it on to both ranks
-            break
-        time.sleep(0.005)
+    proc = start("train", *base, *RUN, f"hydra.run.dir={run}", cwd=tmp_path, command=TORCHRUN)
+    # torchrun passes the signal on to both ranks
+    signal_when(proc, run / "checkpoints" / "last.pt", lambda s: s["stage"] == 0 and s["at"] and s["at"]["epoch"] >= 1,
+                signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and not (run / "metrics.json").exists(), out + err
     assert f"Resume with: fitnets train resume={run}" in err
     torchrun("train", f"resume={run}", cwd=tmp_path)
-    torchrun("train", *base, *RUN, *longer, f"hydra.run.dir={tmp_path / 'reference'}", cwd=tmp_path)
-    resumed, reference = numbers(run), numbers(tmp_path / "reference")
-    assert len(resumed) == len(reference) and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7)
-                                                  for a, b in zip(resumed, reference)), list(zip(resumed, reference))
+    resumed, uninterrupted = numbers(run), numbers(reference)
+    assert len(resumed) == len(uninterrupted) and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7)
+                                                      for a, b in zip(resumed, uninterrupted)), \
+        list(zip(resumed, uninterrupted))
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
@@ -127,11 +114,14 @@ def test_a_multirun_under_torchrun_is_refused_in_one_line(tmp_path, rank):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_joblib_sweep_of_two_jobs_completes_and_compare_reads_it(tiny, tmp_path):
+def test_a_joblib_sweep_of_two_backprop_jobs_needs_no_teacher_and_compare_reads_it(tiny, tmp_path):
     sweep = tmp_path / "sweep"
     fitnets("train", "-m", *tiny, "student=fitnet_mnist", "schedule=backprop", "seed=0,1",
             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}")
-    assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "1"]
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert {job: (m["seed"], [s["epochs"] for s in m["stages"]]) for job, m in runs.items()} == \
+        {"0": (0, [2]), "1": (1, [2])}
+    assert not (tmp_path / "teachers").exists()        # the teacher store was never needed
     rows = json.loads(fitnets("compare", f"runs={sweep}", "speed.enabled=false", "format=json").stdout)
     assert [(r["model"], r["schedule"], r["seeds"]) for r in rows] == [("fitnet_mnist", "backprop", 2)]
 

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
+from rich.markup import escape
 
 from fitnets_cli.config import ConfigError, to_config
 from fitnets_cli.ui import console, errors
@@ -88,9 +89,9 @@ def precheck(command: str, args: list[str]) -> list[str]:
     except Exception as err:
         if debugging(args):
             raise
-        hint = ("; Hydra's launcher plugins come with `pip install 'fitnets-cli[cluster]'`"
-                if "hydra/launcher" in one_line(err) else "")
-        errors.print(f"[bold red]error:[/] {one_line(err)}{hint}")
+        hint = ("; Hydra's launcher plugins come with `pip install '.[cluster]'`, run in the root of the fitnets "
+                "clone" if "hydra/launcher" in one_line(err) else "")
+        errors.print(f"[bold red]error:[/] {escape(one_line(err) + hint)}")
         sys.exit(2)
     if config.resume:
         if not (Path(config.resume) / "config_resolved.yaml").is_file():
@@ -142,7 +143,7 @@ def distributed(command: str, args: list[str]) -> list[str]:
 
 
 def fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}")
+    errors.print(f"[bold red]error:[/] {escape(message)}")   # messages quote overrides such as [a,b]
     sys.exit(2)
 
 

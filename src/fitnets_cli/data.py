@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from fitnets_cli.checkpoint import atomic_write
+from fitnets_cli.checkpoint import DiskFull, atomic_write
 from fitnets_cli.config import ConfigError
 from fitnets_cli.ui import console
 
@@ -92,29 +92,34 @@ def augment(x, pad: int, flip: bool):
 
 # ---------------------------------------------------------------- raw images, as uint8 N,C,H,W
 
+# Where torchvision looks for each dataset's files under data.root.
+FOLDERS = {"mnist": "MNIST/raw", "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "svhn": "."}
+
+
 def _load_raw(dataset, data) -> dict:
     root = data.root
+    if dataset.name == "mnist_subset":
+        with resources.files("fitnets_cli").joinpath("assets/mnist_subset.npz").open("rb") as f:
+            arrays = np.load(io.BytesIO(f.read()))
+        return {s: (torch.from_numpy(arrays[f"{s}_x"]).unsqueeze(1), torch.from_numpy(arrays[f"{s}_y"]).long())
+                for s in ("train", "test")}
+    if dataset.name not in FOLDERS:
+        raise ConfigError(f"dataset.name={dataset.name!r} has no loader; use mnist, mnist_subset, cifar10, "
+                          "cifar100 or svhn")
     try:
-        if dataset.name == "mnist_subset":
-            with resources.files("fitnets_cli").joinpath("assets/mnist_subset.npz").open("rb") as f:
-                arrays = np.load(io.BytesIO(f.read()))
-            return {s: (torch.from_numpy(arrays[f"{s}_x"]).unsqueeze(1), torch.from_numpy(arrays[f"{s}_y"]).long())
-                    for s in ("train", "test")}
         if dataset.name == "mnist":
             return {s: _mnist(torchvision.datasets.MNIST(root, train=s == "train", download=data.download))
                     for s in ("train", "test")}
         if dataset.name in ("cifar10", "cifar100"):
             cls = torchvision.datasets.CIFAR10 if dataset.name == "cifar10" else torchvision.datasets.CIFAR100
             return {s: _cifar(cls(root, train=s == "train", download=data.download)) for s in ("train", "test")}
-        if dataset.name == "svhn":
-            splits = ("train", "test", "extra") if dataset.extra else ("train", "test")
-            return {s: _svhn(torchvision.datasets.SVHN(root, split=s, download=data.download)) for s in splits}
-    except (RuntimeError, OSError) as err:
-        raise ConfigError(f"dataset {dataset.name} not found or unreadable under data.root={root} "
-                          f"({str(err).splitlines()[0]}); place its files there (torchvision layout) "
-                          "or pass data.download=true") from None
-    raise ConfigError(f"dataset.name={dataset.name!r} has no loader; use mnist, mnist_subset, cifar10, "
-                      "cifar100 or svhn")
+        splits = ("train", "test", "extra") if dataset.extra else ("train", "test")
+        return {s: _svhn(torchvision.datasets.SVHN(root, split=s, download=data.download)) for s in splits}
+    except Exception as err:   # missing, truncated or garbled files fail in many ways inside torchvision
+        reason = f"{type(err).__name__}: {str(err).strip()}".splitlines()[0][:160].rstrip(": ")
+        raise ConfigError(f"dataset {dataset.name} is missing or unreadable in {Path(root) / FOLDERS[dataset.name]} "
+                          f"({reason}); place intact files there (torchvision's layout), or delete them and pass "
+                          "data.download=true") from None
 
 
 def _mnist(ds):
@@ -152,8 +157,9 @@ def _preprocess(raw: dict, dataset, data) -> dict:
         images = {s: lecun_lcn(x) for s, x in images.items()}
     try:
         atomic_write(cache, lambda tmp: torch.save(images, tmp))
-    except OSError as err:
-        console.print(f"could not cache the preprocessed data at {cache} ({err.strerror}); "
+    except (OSError, DiskFull) as err:
+        reason = "the disk is full" if isinstance(err, DiskFull) else err.strerror
+        console.print(f"could not cache the preprocessed data at {cache} ({reason}); "
                       "set data.cache=DIR to a writable folder to skip this work next time")
     return images
 

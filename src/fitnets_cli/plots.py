@@ -4,6 +4,8 @@ from pathlib import Path
 
 import matplotlib
 
+from fitnets_cli.checkpoint import atomic_write
+
 matplotlib.use("Agg")   # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -28,8 +30,7 @@ def plot_tradeoffs(rows: list[dict], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         path = out / f"acc_vs_{key}.png"
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save(fig, path)
         written.append(path)
     return written
 
@@ -65,6 +66,12 @@ def plot_curves(runs: list[dict], out: Path) -> Path:
     axes[0].set_yscale("log")
     fig.tight_layout()
     path = out / "curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return path
+
+
+def save(fig, path: Path) -> None:
+    """Write the figure as a PNG through atomic_write, like every other output, and free it."""
+    # The temporary file's .tmp suffix would make matplotlib guess the format: name it.
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)

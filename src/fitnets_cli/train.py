@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli import dist
-from fitnets_cli.checkpoint import atomic_write, holds, load_payload, save_model, write_json, write_text
+from fitnets_cli.checkpoint import DiskFull, atomic_write, holds, load_payload, save_model, write_json, write_text
 from fitnets_cli.config import ConfigError, Config, Optim
 from fitnets_cli.data import Splits, augment, batches, load_data
 from fitnets_cli.evaluate import evaluate
@@ -456,7 +457,8 @@ def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, st
         return lambda results, at: save_state(path, s, phase=phase, stage=len(results), results=results,
                                               first=first, at=at)
 
-    with stop_on_signals(resume_command or f"fitnets {cfg.command} resume={run_dir}"):
+    resume_command = resume_command or f"fitnets {cfg.command} resume={run_dir}"
+    with stop_on_signals(resume_command), resumable_on_full_disk(resume_command):
         phase = state["phase"] if state else 0
         if phase == 0:
             s = session(state)
@@ -504,6 +506,15 @@ def stop_on_signals(resume_command: str):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def resumable_on_full_disk(resume_command: str):
+    """A checkpoint that found the disk full left the previous one intact: say how to continue from it."""
+    try:
+        yield
+    except DiskFull as full:
+        raise DiskFull(f"{full}; once there is room, continue the run with: {resume_command}") from None
 
 
 def save_state(path: Path, s: Session, **position) -> None:
@@ -730,5 +741,5 @@ def command(cfg: Config):
     except AlreadyFinished as done:
         console.print(str(done))
     except Interrupted as stopped:
-        errors.print(f"stopped by {stopped}")
+        errors.print(f"stopped by {escape(str(stopped))}")
         sys.exit(128 + (STOP or [signal.SIGTERM])[0])   # empty: another torchrun rank was signalled

@@ -1,0 +1,156 @@
+"""What several test modules share: the real CLI in a subprocess, tiny datasets in each official format,
+and a small in-memory training session. Fixtures live in conftest.py."""
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import torch
+from hydra import compose, initialize_config_module
+from torch.utils.tensorboard import SummaryWriter
+
+from fitnets_cli.config import to_config
+from fitnets_cli.hints import make_regressors, plan_hints
+from fitnets_cli.models import build_net
+from fitnets_cli.train import Session
+
+
+def make_config(config_name: str = "train", overrides=()):
+    """Compose a command's real config with overrides, as the CLI does, into typed dataclasses."""
+    with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
+        return to_config(compose(config_name, overrides=list(overrides)))
+
+
+# The entry point with torchvision's MD5 check of CIFAR and SVHN files switched off, so that tiny files (whose
+# sums cannot match the real ones) reach its readers.
+WITHOUT_MD5 = ("-c", "import runpy, sys, torchvision.datasets.cifar as c, torchvision.datasets.svhn as s; "
+               "c.check_integrity = s.check_integrity = lambda *args: True; sys.argv[0] = 'fitnets'; "
+               "runpy.run_module('fitnets_cli', run_name='__main__')")
+
+
+def fitnets(*args, cwd=None, check=True, md5=True):
+    """Run the real `fitnets` entry point in a subprocess (md5=False: see WITHOUT_MD5)."""
+    command = ["-m", "fitnets_cli"] if md5 else list(WITHOUT_MD5)
+    proc = subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
+                          env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fitnets {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def start(*args, cwd=None, command=("-m", "fitnets_cli")) -> subprocess.Popen:
+    """Start the real `fitnets` entry point (or `command`, a python command line) without waiting for it."""
+    return subprocess.Popen([sys.executable, *command, *map(str, args)], cwd=cwd, env={**os.environ, "COLUMNS": "200"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def signal_when(proc: subprocess.Popen, last: Path, condition, sig, timeout: float = 300) -> None:
+    """Send `sig` to `proc` as soon as its resume checkpoint `last` holds a state for which condition(state)."""
+    seen, deadline = None, time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            st = last.stat()
+            stamp = st.st_ino, st.st_mtime_ns
+        except FileNotFoundError:
+            stamp = None
+        # Each checkpoint is loaded once: polling must not take the CPU from the run it watches. Checkpoints
+        # are renamed into place complete, so a load never sees half a file.
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            if condition(torch.load(last, weights_only=True)):
+                proc.send_signal(sig)
+                return
+        time.sleep(0.005)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an array in MNIST's IDX format (big-endian dims after a magic of dtype 0x08 and ndim)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_tiny_mnist(root: Path) -> Path:
+    """Write 20 train and 5 test images per class as MNIST's raw IDX files under root/MNIST/raw."""
+    rng = np.random.default_rng(0)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, per_class in (("train", 20), ("t10k", 5)):
+        labels = np.repeat(np.arange(10), per_class)
+        rng.shuffle(labels)
+        # A learnable signal: each class lights up its own row band.
+        images = rng.integers(0, 60, size=(len(labels), 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c: 4 + 2 * c, 4:24] = 255
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def tiny_overrides(data: Path, store: Path) -> list[str]:
+    """Overrides that make a command run on the tiny MNIST files under `data` in seconds."""
+    return ["dataset=mnist", f"data.root={data}", "dataset.valid_size=50", f"teacher_store={store}",
+            "recipe.teacher.max_epochs=2", "recipe.teacher.optimizer=rmsprop", "recipe.teacher.lr=0.002",
+            "recipe.teacher.momentum=0", "recipe.teacher.momentum_final=0", "device=cpu"]
+
+
+def tiny_teacher(root: Path) -> list[str]:
+    """Tiny MNIST under root, a teacher trained on it (run dir root/teacher), and the overrides that run on both."""
+    base = tiny_overrides(write_tiny_mnist(root / "data"), root / "teachers")
+    fitnets("train-teacher", *base, f"hydra.run.dir={root / 'teacher'}")
+    return base
+
+
+def write_cifar(root: Path, name: str, train: int, test: int, rng) -> Path:
+    """CIFAR-10 or CIFAR-100 as torchvision reads them, pickled batches in their folder under root: `train`
+    and `test` images whose labels cycle through the classes (CIFAR-10's training set in 5 batches)."""
+    classes, folder, label_key = {"cifar10": (10, "cifar-10-batches-py", "labels"),
+                                  "cifar100": (100, "cifar-100-python", "fine_labels")}[name]
+    d = root / folder
+    d.mkdir(parents=True)
+
+    def batch(n, first=0):
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                label_key: [(first + i) % classes for i in range(n)]}
+
+    if name == "cifar10":
+        files = {f"data_batch_{i + 1}": batch(train // 5, i * (train // 5)) for i in range(5)}
+        files.update(test_batch=batch(test), **{"batches.meta": {"label_names": [str(i) for i in range(10)]}})
+    else:
+        files = {"train": batch(train), "test": batch(test), "meta": {"fine_label_names": [str(i) for i in range(100)]}}
+    for fname, obj in files.items():
+        with open(d / fname, "wb") as f:
+            pickle.dump(obj, f)
+    return d
+
+
+def write_svhn(root: Path, rng) -> None:
+    """SVHN's train, test and extra .mat files under root: 4, 2 and 3 images per class."""
+    for split, per_class in (("train", 4), ("test", 2), ("extra", 3)):
+        labels = np.repeat(np.arange(1, 11), per_class)       # SVHN stores digit 0 as label 10
+        scipy.io.savemat(root / f"{split}_32x32.mat",
+                         {"X": rng.integers(0, 256, (32, 32, 3, len(labels)), dtype=np.uint8), "y": labels[:, None]})
+
+
+def mnist_session(make_config, tmp_path: Path, overrides=()):
+    """A training session of the MNIST FitNet and an untrained MNIST teacher, with its hint plans;
+    `make_config` composes the config (the fixture of that name, or the function here)."""
+    cfg = make_config("train", ["dataset=mnist", "student=fitnet_mnist", *overrides])
+    torch.manual_seed(0)
+    teacher = build_net(cfg.teacher.layers, (1, 28, 28), 10, init_range=0.05).eval().requires_grad_(False)
+    student = build_net(cfg.student.layers, (1, 28, 28), 10, init_range=0.05)
+    plans = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
+    regressors = make_regressors(plans)
+    s = Session(student, teacher, regressors, cfg, cfg.recipe.student, torch.device("cpu"), SummaryWriter(tmp_path))
+    return s, plans
+
+
+def random_split(n: int, seed: int):
+    """n random MNIST-shaped images and labels, drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
