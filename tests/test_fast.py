@@ -84,8 +84,8 @@ def test_the_benchmarks_three_loops_do_the_same_work_on_the_same_batch(make_conf
 
 
 def test_the_conventional_loaders_images_have_the_models_input_shape():
-    for shape, augment in (((1, 28, 28), False), ((3, 32, 32), True)):
-        loader = bench.conventional_loader(shape, 8, 4, augment)
+    for shape, augmented in (((1, 28, 28), False), ((3, 32, 32), True)):
+        loader = bench.conventional_loader(shape, 8, 4, augmented)
         image, label = loader.dataset[0]
         assert image.shape == shape and image.dtype == torch.float32 and 0 <= label < 10
         assert loader.batch_size == 4 and loader.drop_last

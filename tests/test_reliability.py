@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -24,13 +26,19 @@ RUN = ["student=fitnet_mnist", "schedule=fitnets", "recipe.student.max_epochs=5"
        "recipe.student.patience=5", "deterministic=true"]
 
 
+class Setup(NamedTuple):
+    root: Path              # the shared teacher's: data, teacher run and teacher store
+    base: list[str]         # the overrides that run on them
+    reference: Path         # RUN, not interrupted
+
+
 @pytest.fixture(scope="module")
-def setup(teacher, tmp_path_factory):
-    """The shared tiny teacher, and the reference run that nobody interrupts: (root, overrides, reference)."""
+def setup(teacher, tmp_path_factory) -> Setup:
+    """The shared tiny teacher, and the reference run that nobody interrupts."""
     root, base = teacher
     reference = tmp_path_factory.mktemp("reliable") / "reference"
     fitnets("train", *base, *RUN, f"hydra.run.dir={reference}")
-    return root, base, reference
+    return Setup(root, base, reference)
 
 
 def outcome(run):
@@ -50,7 +58,7 @@ def assert_same_run(a, b):
 
 def interrupt_when(setup, tmp_path, condition, sig, extra=()):
     """Start RUN in tmp_path/run and send `sig` once its checkpoint satisfies `condition`."""
-    _, base, _ = setup
+    base = setup.base
     run = tmp_path / "run"
     proc = start("train", *base, *RUN, *extra, f"hydra.run.dir={run}")
     signal_when(proc, run / "checkpoints" / "last.pt", condition, sig)
@@ -67,14 +75,14 @@ def test_sigterm_in_stage_one_checkpoints_mid_epoch_and_resumes_exactly(setup, t
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["stage"] == 0 and state["at"]["batch"] > 0            # inside an epoch
     fitnets("train", f"resume={run}")
-    assert_same_run(setup[2], run)
+    assert_same_run(setup.reference, run)
 
 
 def test_sigkill_at_the_stage_boundary_resumes_exactly(setup, tmp_path):
     run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["stage"] == 1 and s["at"] is None, signal.SIGKILL)
     assert rc == -signal.SIGKILL
     fitnets("train", f"resume={run}")
-    assert_same_run(setup[2], run)
+    assert_same_run(setup.reference, run)
 
 
 def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(setup, tmp_path):
@@ -82,17 +90,18 @@ def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(s
                                 signal.SIGKILL)
     assert rc == -signal.SIGKILL
     fitnets("train", f"resume={run}")
-    assert_same_run(setup[2], run)
+    assert_same_run(setup.reference, run)
     before = (run / "metrics.json").read_bytes()
     proc = fitnets("train", f"resume={run}")
     assert "already finished" in proc.stdout and (run / "metrics.json").read_bytes() == before
-    proc = fitnets("train", *setup[1], *RUN, f"hydra.run.dir={run}", check=False)
+    base = setup.base
+    proc = fitnets("train", *base, *RUN, f"hydra.run.dir={run}", check=False)
     assert proc.returncode == 2 and "never overwritten" in proc.stderr
     assert (run / "metrics.json").read_bytes() == before
 
 
 def test_a_kill_while_retraining_with_augmentation_resumes_exactly(setup, tmp_path):
-    _, base, _ = setup
+    base = setup.base
     extra = ["recipe.retrain_full=true", "dataset.augment.flip=true", "dataset.augment.pad=2",
              "recipe.student.max_epochs=4", "recipe.student.patience=4"]
     fitnets("train", *base, *RUN, *extra, f"hydra.run.dir={tmp_path / 'reference'}")
@@ -161,7 +170,7 @@ def tmpfs(tmp_path):
 
 
 def test_a_full_disk_stops_in_one_line_and_the_run_resumes_from_its_last_checkpoint(setup, tmpfs):
-    _, base, _ = setup
+    base = setup.base
     net = build_net(load_student("fitnet_mnist").layers, (1, 28, 28), 10)
     weights = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     # An epoch's checkpoint holds the weights three times (weights, RMSProp state, best weights), and the atomic
@@ -196,7 +205,8 @@ def test_a_write_that_finds_no_space_reports_it_and_keeps_the_previous_file(setu
 
     monkeypatch.setattr(torch, "save", save)
     run = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["fitnets", "train", *setup[1], *BACKPROP, f"hydra.run.dir={run}"])
+    base = setup.base
+    monkeypatch.setattr(sys, "argv", ["fitnets", "train", *base, *BACKPROP, f"hydra.run.dir={run}"])
     with pytest.raises(SystemExit) as stop:
         cli.main()
     assert stop.value.code == 2
@@ -226,7 +236,7 @@ def test_torchs_errno_less_write_failure_is_told_from_other_errors_by_the_free_s
 
 
 def test_a_nan_loss_stops_with_the_stage_epoch_and_term_and_keeps_the_last_checkpoint(setup, tmp_path):
-    _, base, _ = setup
+    base = setup.base
     run = tmp_path / "nan"
     proc = fitnets("train", *base, "student=fitnet_mnist", "schedule=backprop", "recipe.student.lr=1e30",
                    "recipe.student.optimizer=sgd", "recipe.student.max_epochs=3", f"hydra.run.dir={run}", check=False)
