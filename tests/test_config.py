@@ -51,7 +51,8 @@ def test_every_paper_student_composes_and_its_paper_hint_pair_plans(make_config,
 @pytest.mark.parametrize("hints", options("hints"))
 def test_every_schedule_and_hints_option_composes(make_config, schedule, hints):
     cfg = make_config("train", [f"schedule={schedule}", f"hints={hints}"])
-    stages = {"backprop": ["ce"], "fitnets": ["hint", "kd"], "hint_joint": ["joint"], "kd": ["kd"]}[schedule]
+    stages = {"backprop": ["ce"], "fitnets": ["hint", "kd"], "hint_joint": ["joint"], "crd_fitnet": ["joint"],
+              "kd": ["kd"]}[schedule]
     assert cfg.schedule.name == schedule and cfg.schedule.stages == stages
 
 
