@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from helpers import make_config as compose_config, tiny_overrides, tiny_teacher, write_tiny_mnist
+from helpers import fitnets, make_config as compose_config, tiny_overrides, tiny_teacher, write_tiny_mnist
 
 
 def pytest_configure(config):
@@ -39,3 +39,12 @@ def teacher(tmp_path_factory):
     in root/teacher and stored in root/teachers. Tests must not write under root: runs go elsewhere."""
     root = tmp_path_factory.mktemp("teacher")
     return root, tiny_teacher(root)
+
+
+@pytest.fixture(scope="session")
+def fitnet(teacher, tmp_path_factory):
+    """(run directory, stdout): the MNIST FitNet trained with hints + KD, 2 epochs a stage, on the shared teacher."""
+    _, base = teacher
+    run = tmp_path_factory.mktemp("fitnet") / "run"
+    out = fitnets("train", *base, "student=fitnet_mnist", "recipe.student.max_epochs=2", f"hydra.run.dir={run}").stdout
+    return run, out
