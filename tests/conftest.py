@@ -15,6 +15,16 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_checkout(tmp_path_factory):
+    """Run every test from a scratch directory: commands without hydra.run.dir write runs/<command>/<time>
+    into the current directory, which must not be the checkout."""
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(here)
+
+
 @pytest.fixture
 def make_config():
     """Compose a command's real config with overrides, as the CLI does, into typed dataclasses."""

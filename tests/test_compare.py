@@ -1,4 +1,5 @@
-"""`fitnets compare` and the experiment presets, through the real entry point on tiny MNIST files."""
+"""`fitnets compare` and the experiment presets on tiny data, through the entry point: in a subprocess, or its
+main() in this process where the same command runs many times."""
 
 import csv
 import io
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from fitnets_cli.hints import plan_hints
 from fitnets_cli.models import Net
 
-from helpers import fitnets, write_cifar, write_svhn, write_tiny_mnist
+from helpers import fitnets, main, write_cifar, write_svhn, write_tiny_mnist
 
 EXPERIMENTS = sorted(p.name[:-5] for p in resources.files("fitnets_cli.conf").joinpath("experiment").iterdir()
                      if p.name.endswith(".yaml"))
@@ -35,7 +36,7 @@ def sweep(tmp_path_factory):
 
 
 def compare_json(*args):
-    return json.loads(fitnets("compare", *args, "speed.repeats=1", "speed.warmup=0", "format=json").stdout)
+    return json.loads(main("compare", *args, "speed.repeats=1", "speed.warmup=0", "format=json"))
 
 
 def md_table(text: str) -> tuple[list[str], list[list[str]]]:
@@ -47,15 +48,15 @@ def md_table(text: str) -> tuple[list[str], list[list[str]]]:
 
 @pytest.fixture(scope="module")
 def tables(sweep, tmp_path_factory):
-    """The sweep compared once in each output: JSON (latency measured), CSV, markdown to a file with the plots,
-    and markdown of test error."""
+    """The sweep compared once in each output (in this process): JSON (latency measured), CSV, markdown to a
+    file with the plots, and markdown of test error."""
     out = tmp_path_factory.mktemp("tables")
     runs, fast = f"runs={sweep}", "speed.enabled=false"
-    fitnets("compare", runs, fast, "format=md", f"out={out / 'table.md'}", f"plots={out / 'plots'}")
+    main("compare", runs, fast, "format=md", f"out={out / 'table.md'}", f"plots={out / 'plots'}")
     return {"json": compare_json(runs),
-            "csv": list(csv.DictReader(io.StringIO(fitnets("compare", runs, fast, "format=csv").stdout))),
+            "csv": list(csv.DictReader(io.StringIO(main("compare", runs, fast, "format=csv")))),
             "md": (out / "table.md").read_text(),
-            "error": fitnets("compare", runs, fast, "format=md", "metric=error").stdout,
+            "error": main("compare", runs, fast, "format=md", "metric=error"),
             "plots": out / "plots"}
 
 
@@ -190,16 +191,13 @@ PRESET_JOBS = {  # (student, schedule) of every job; whether the preset retrains
 def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, preset_data, tmp_path, monkeypatch):
     """In-process, so that torchvision accepts tiny files whose MD5 sums cannot match the real ones."""
     import torchvision
-    from fitnets_cli import cli
 
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
     monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args: True)
     sweep = tmp_path / "sweep"
-    monkeypatch.setattr("sys.argv", ["fitnets", "train", "-m", f"experiment={experiment}", "seed=0",
-                                     f"data.root={preset_data[experiment]}", f"dataset.valid_size={valid}",
-                                     f"teacher_store={tmp_path / 'teachers'}", "recipe.teacher.max_epochs=1",
-                                     "recipe.student.max_epochs=1", "device=cpu", f"hydra.sweep.dir={sweep}"])
-    cli.main()
+    main("train", "-m", f"experiment={experiment}", "seed=0", f"data.root={preset_data[experiment]}",
+         f"dataset.valid_size={valid}", f"teacher_store={tmp_path / 'teachers'}", "recipe.teacher.max_epochs=1",
+         "recipe.student.max_epochs=1", "device=cpu", f"hydra.sweep.dir={sweep}")
     jobs, retrain = PRESET_JOBS[experiment]
     runs = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
     [teacher] = [m for m in runs if m["role"] == "teacher"]
