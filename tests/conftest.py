@@ -2,10 +2,12 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from helpers import fitnets, make_config as compose_config, tiny_overrides, tiny_teacher, write_tiny_mnist
+from helpers import (fitnets, make_config as compose_config, tiny_overrides, tiny_teacher, write_cifar, write_svhn,
+                     write_tiny_mnist)
 
 
 def pytest_configure(config):
@@ -58,3 +60,16 @@ def fitnet(teacher, tmp_path_factory):
     run = tmp_path_factory.mktemp("fitnet") / "run"
     out = fitnets("train", *base, "student=fitnet_mnist", "recipe.student.max_epochs=2", f"hydra.run.dir={run}").stdout
     return run, out
+
+
+@pytest.fixture(scope="session")
+def tiny_datasets(tmp_path_factory):
+    """A data root per dataset: CIFAR-10 and CIFAR-100 with 20 training and 10 test images, and tiny SVHN.
+    Shared, so the tests that whiten CIFAR share the whitening cache (a 3072 x 3072 eigendecomposition)."""
+    root = tmp_path_factory.mktemp("datasets")
+    rng = np.random.default_rng(0)
+    for name in ("cifar10", "cifar100"):
+        write_cifar(root / name, name, 20, 10, rng)
+    (root / "svhn").mkdir()
+    write_svhn(root / "svhn", rng)
+    return {name: root / name for name in ("cifar10", "cifar100", "svhn")}

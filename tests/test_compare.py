@@ -10,14 +10,13 @@ import struct
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from fitnets_cli.hints import plan_hints
 from fitnets_cli.models import Net
 
-from helpers import fitnets, main, write_cifar, write_svhn, write_tiny_mnist
+from helpers import fitnets, main, write_tiny_mnist
 
 EXPERIMENTS = sorted(p.name[:-5] for p in resources.files("fitnets_cli.conf").joinpath("experiment").iterdir()
                      if p.name.endswith(".yaml"))
@@ -127,8 +126,8 @@ def test_runs_that_differ_beyond_the_seed_are_labelled_apart(sweep, fitnet):
 
 def test_table5_architecture_comparison_reproduces_the_paper_counts():
     # cifar10: teacher + FitNets 1-4; a few timed repeats, as the speed-up ordering is checked below
-    rows = {r["model"]: r for r in json.loads(fitnets("compare", "counting=paper", "format=json", "speed.repeats=3",
-                                                      "speed.warmup=1", "speed.batch_size=16").stdout)}
+    rows = {r["model"]: r for r in json.loads(main("compare", "counting=paper", "format=json", "speed.repeats=3",
+                                                   "speed.warmup=1", "speed.batch_size=16"))}
     assert (rows["maxout"]["params"], rows["maxout"]["mults"]) == (9_044_360, 725_090_696)
     assert (rows["fitnet1"]["params"], rows["fitnet1"]["mults"]) == (249_576, 30_150_024)
     assert rows["fitnet2"]["params"] == 861_928 and rows["fitnet2"]["mults"] == pytest.approx(107.8e6, rel=1e-3)
@@ -164,41 +163,27 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
             plan_hints(Net(cfg.teacher.layers, shape, 10), Net(cfg.student.layers, shape, 10), cfg.hints.pairs)
 
 
-@pytest.fixture(scope="module")
-def preset_data(tmp_path_factory):
-    """A data root per preset: 20 training and 10 test images of CIFAR-10 (shared by two presets, which then
-    share its whitening cache) and of CIFAR-100, and tiny SVHN."""
-    root = tmp_path_factory.mktemp("presets")
-    rng = np.random.default_rng(0)
-    for name in ("cifar10", "cifar100"):
-        write_cifar(root / name, name, 20, 10, rng)
-    (root / "svhn").mkdir()
-    write_svhn(root / "svhn", rng)
-    return {"cifar10_table5": root / "cifar10", "depth_study": root / "cifar10", "cifar100": root / "cifar100",
-            "svhn": root / "svhn"}
-
-
-PRESET_JOBS = {  # (student, schedule) of every job; whether the preset retrains on train + valid
-    "cifar10_table5": ([(f"fitnet{i}", "fitnets") for i in range(1, 5)], True),
-    "cifar100": ([("fitnet4", "fitnets")], True),
-    "svhn": ([("fitnet3", "fitnets"), ("fitnet4", "fitnets")], False),
-    "depth_study": ([(f"depth{d}_{b}", s) for d in (5, 7, 9, 11) for b in ("30m", "107m")
-                     for s in ("backprop", "kd", "fitnets")], False),
+PRESET_JOBS = {  # dataset; (student, schedule) of every job; whether the preset retrains on train + valid
+    "cifar10_table5": ("cifar10", [(f"fitnet{i}", "fitnets") for i in range(1, 5)], True),
+    "cifar100": ("cifar100", [("fitnet4", "fitnets")], True),
+    "svhn": ("svhn", [("fitnet3", "fitnets"), ("fitnet4", "fitnets")], False),
+    "depth_study": ("cifar10", [(f"depth{d}_{b}", s) for d in (5, 7, 9, 11) for b in ("30m", "107m")
+                                for s in ("backprop", "kd", "fitnets")], False),
 }
 
 
 @pytest.mark.parametrize("experiment,valid", [("cifar10_table5", 10), ("cifar100", 10), ("svhn", 30), ("depth_study", 10)])
-def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, preset_data, tmp_path, monkeypatch):
+def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, tiny_datasets, tmp_path, monkeypatch):
     """In-process, so that torchvision accepts tiny files whose MD5 sums cannot match the real ones."""
     import torchvision
 
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
     monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args: True)
     sweep = tmp_path / "sweep"
-    main("train", "-m", f"experiment={experiment}", "seed=0", f"data.root={preset_data[experiment]}",
+    dataset, jobs, retrain = PRESET_JOBS[experiment]
+    main("train", "-m", f"experiment={experiment}", "seed=0", f"data.root={tiny_datasets[dataset]}",
          f"dataset.valid_size={valid}", f"teacher_store={tmp_path / 'teachers'}", "recipe.teacher.max_epochs=1",
          "recipe.student.max_epochs=1", "device=cpu", f"hydra.sweep.dir={sweep}")
-    jobs, retrain = PRESET_JOBS[experiment]
     runs = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
     [teacher] = [m for m in runs if m["role"] == "teacher"]
     students = [m for m in runs if m["role"] == "student"]

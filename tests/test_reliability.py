@@ -105,11 +105,8 @@ def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(s
     fitnets("train", f"resume={run}")
     assert_same_run(setup.reference, run)
     before = (run / "metrics.json").read_bytes()
-    proc = fitnets("train", f"resume={run}")
-    assert "already finished" in proc.stdout and (run / "metrics.json").read_bytes() == before
-    base = setup.base
-    proc = fitnets("train", *base, *RUN, f"hydra.run.dir={run}", check=False)
-    assert proc.returncode == 2 and "never overwritten" in proc.stderr
+    assert "already finished" in main("train", f"resume={run}")
+    assert "never overwritten" in failure("train", *setup.base, *RUN, f"hydra.run.dir={run}")
     assert (run / "metrics.json").read_bytes() == before
 
 
@@ -131,10 +128,8 @@ def test_a_finished_teacher_is_left_alone_and_resumed_only_by_its_own_command(te
     # That two deterministic runs are identical the resume tests above show: each resumed run can equal the
     # reference only if training is deterministic.
     root, _ = teacher
-    proc = fitnets("train-teacher", f"resume={root / 'teacher'}")
-    assert "already finished" in proc.stdout
-    proc = fitnets("train", f"resume={root / 'teacher'}", check=False)
-    assert proc.returncode == 2 and "fitnets train-teacher resume=" in proc.stderr
+    assert "already finished" in main("train-teacher", f"resume={root / 'teacher'}")
+    assert "fitnets train-teacher resume=" in failure("train", f"resume={root / 'teacher'}")
 
 
 def test_a_crash_mid_write_leaves_the_previous_file_valid(tmp_path):
@@ -298,10 +293,10 @@ def test_foreign_and_corrupted_checkpoints_are_refused(setup, tmp_path):
 def test_eval_prints_the_provenance(setup):
     root, base, reference = setup
     teacher_file = root / "teachers" / "maxout-mnist.pt"
-    proc = fitnets("eval", f"checkpoint={reference / 'checkpoints' / 'student.pt'}", base[1])
-    assert f"torch {version('torch')}" in proc.stdout
-    assert hashlib.sha256(teacher_file.read_bytes()).hexdigest() in proc.stdout
-    assert "split seed 0" in proc.stdout and "student:" in proc.stdout
+    out = main("eval", f"checkpoint={reference / 'checkpoints' / 'student.pt'}", base[1])
+    assert f"torch {version('torch')}" in out
+    assert hashlib.sha256(teacher_file.read_bytes()).hexdigest() in out
+    assert "split seed 0" in out and "student:" in out
 
 
 def test_provenance_of_a_source_tree_that_was_never_installed(monkeypatch, make_config):
