@@ -1,6 +1,8 @@
 """What several test modules share: the real CLI in a subprocess, tiny datasets in each official format,
 and a small in-memory training session. Fixtures live in conftest.py."""
 
+import contextlib
+import io
 import os
 import pickle
 import struct
@@ -10,11 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.io
 import torch
 from hydra import compose, initialize_config_module
 from torch.utils.tensorboard import SummaryWriter
 
+from fitnets_cli import cli
 from fitnets_cli.config import to_config
 from fitnets_cli.hints import make_regressors, plan_hints
 from fitnets_cli.models import build_net
@@ -42,6 +46,16 @@ def fitnets(*args, cwd=None, check=True, md5=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"fitnets {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def main(*args) -> str:
+    """Run the entry point's main() in this process as `fitnets *args`, and return what it printed; for
+    commands run many times, where a subprocess would spend seconds starting up."""
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+        patch.setattr(sys, "argv", ["fitnets", *map(str, args)])
+        cli.main()
+    return out.getvalue()
 
 
 def start(*args, cwd=None, command=("-m", "fitnets_cli")) -> subprocess.Popen:

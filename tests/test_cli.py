@@ -26,13 +26,11 @@ def test_cfg_job_prints_the_composed_config():
     assert "name: fitnet1" in out and "guided: conv6" in out
 
 
-def test_teacher_then_fitnet_student_then_eval_and_compare(teacher, tmp_path):
-    root, base = teacher        # trained by `fitnets train-teacher` (conftest)
-    teacher_run, student_run = root / "teacher", tmp_path / "student"
+def test_teacher_then_fitnet_student_then_eval_and_compare(teacher, fitnet):
+    root, base = teacher        # trained by `fitnets train-teacher`, the student by `fitnets train` (conftest)
+    teacher_run, (student_run, out) = root / "teacher", fitnet
     assert (root / "teachers" / "maxout-mnist.pt").is_file()
     assert [s["epochs"] for s in json.loads((teacher_run / "metrics.json").read_text())["stages"]] == [2]
-    out = fitnets("train", *base, "student=fitnet_mnist", "recipe.student.max_epochs=2",
-                  f"hydra.run.dir={student_run}").stdout
     assert "hint plan" in out and "4x4x16" in out and "1x1 conv, maxout x2" in out   # guided conv4 -> hint conv2
     metrics = json.loads((student_run / "metrics.json").read_text())
     assert [s["name"] for s in metrics["stages"]] == ["hint:conv4<-conv2", "kd"]

@@ -1,4 +1,5 @@
-"""`fitnets compare` and the experiment presets, through the real entry point on tiny MNIST files."""
+"""`fitnets compare` and the experiment presets on tiny data, through the entry point: in a subprocess, or its
+main() in this process where the same command runs many times."""
 
 import csv
 import io
@@ -9,14 +10,13 @@ import struct
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from fitnets_cli.hints import plan_hints
 from fitnets_cli.networks import build_network
 
-from helpers import fitnets, write_cifar, write_svhn, write_tiny_mnist
+from helpers import fitnets, main, write_tiny_mnist
 
 EXPERIMENTS = sorted(p.name[:-5] for p in resources.files("fitnets_cli.conf").joinpath("experiment").iterdir()
                      if p.name.endswith(".yaml"))
@@ -36,7 +36,7 @@ def sweep(tmp_path_factory):
 
 
 def compare_json(*args):
-    return json.loads(fitnets("compare", *args, "speed.repeats=1", "speed.warmup=0", "format=json").stdout)
+    return json.loads(main("compare", *args, "speed.repeats=1", "speed.warmup=0", "format=json"))
 
 
 def md_table(text: str) -> tuple[list[str], list[list[str]]]:
@@ -48,15 +48,15 @@ def md_table(text: str) -> tuple[list[str], list[list[str]]]:
 
 @pytest.fixture(scope="module")
 def tables(sweep, tmp_path_factory):
-    """The sweep compared once in each output: JSON (latency measured), CSV, markdown to a file with the plots,
-    and markdown of test error."""
+    """The sweep compared once in each output (in this process): JSON (latency measured), CSV, markdown to a
+    file with the plots, and markdown of test error."""
     out = tmp_path_factory.mktemp("tables")
     runs, fast = f"runs={sweep}", "speed.enabled=false"
-    fitnets("compare", runs, fast, "format=md", f"out={out / 'table.md'}", f"plots={out / 'plots'}")
+    main("compare", runs, fast, "format=md", f"out={out / 'table.md'}", f"plots={out / 'plots'}")
     return {"json": compare_json(runs),
-            "csv": list(csv.DictReader(io.StringIO(fitnets("compare", runs, fast, "format=csv").stdout))),
+            "csv": list(csv.DictReader(io.StringIO(main("compare", runs, fast, "format=csv")))),
             "md": (out / "table.md").read_text(),
-            "error": fitnets("compare", runs, fast, "format=md", "metric=error").stdout,
+            "error": main("compare", runs, fast, "format=md", "metric=error"),
             "plots": out / "plots"}
 
 
@@ -117,20 +117,18 @@ def test_plots_are_written_whole_at_their_size(tables):
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and struct.unpack(">II", data[16:24]) == size, name
 
 
-def test_runs_that_differ_beyond_the_seed_are_labelled_apart(sweep, tiny, tmp_path):
-    other = tmp_path / "other"
-    fitnets("train", *tiny, "student=fitnet_mnist", "schedule=backprop", "recipe.student.lr=0.01",
-            f"hydra.run.dir={other}")
-    rows = compare_json(f"runs=[{sweep},{other}]")
-    backprop = [r for r in rows if r["schedule"] == "backprop"]
-    assert sorted(r["seeds"] for r in backprop) == [1, 2]
-    assert {r["variant"] for r in backprop} == {"student.lr=0.002", "student.lr=0.01"}
+def test_runs_that_differ_beyond_the_seed_are_labelled_apart(sweep, fitnet):
+    run, _ = fitnet             # trained with the MNIST recipe's LR, 0.0005; the sweep's FitNets with 0.002
+    rows = compare_json(f"runs=[{sweep},{run}]", "speed.enabled=false")
+    fitnets_rows = [r for r in rows if r["schedule"] == "fitnets"]
+    assert sorted((r["seeds"], r["variant"]) for r in fitnets_rows) == [(1, "student.lr=0.0005"), (2, "student.lr=0.002")]
+    assert all("variant" not in r or r["variant"] is None for r in rows if r["schedule"] != "fitnets")
 
 
 def test_table5_architecture_comparison_reproduces_the_paper_counts():
     # cifar10: teacher + FitNets 1-4; a few timed repeats, as the speed-up ordering is checked below
-    rows = {r["model"]: r for r in json.loads(fitnets("compare", "counting=paper", "format=json", "speed.repeats=3",
-                                                      "speed.warmup=1", "speed.batch_size=16").stdout)}
+    rows = {r["model"]: r for r in json.loads(main("compare", "counting=paper", "format=json", "speed.repeats=3",
+                                                   "speed.warmup=1", "speed.batch_size=16"))}
     assert (rows["maxout"]["params"], rows["maxout"]["mults"]) == (9_044_360, 725_090_696)
     assert (rows["fitnet1"]["params"], rows["fitnet1"]["mults"]) == (249_576, 30_150_024)
     assert rows["fitnet2"]["params"] == 861_928 and rows["fitnet2"]["mults"] == pytest.approx(107.8e6, rel=1e-3)
@@ -167,44 +165,27 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
                        cfg.hints.pairs, cfg.hints)
 
 
-@pytest.fixture(scope="module")
-def preset_data(tmp_path_factory):
-    """A data root per preset: 20 training and 10 test images of CIFAR-10 (shared by two presets, which then
-    share its whitening cache) and of CIFAR-100, and tiny SVHN."""
-    root = tmp_path_factory.mktemp("presets")
-    rng = np.random.default_rng(0)
-    for name in ("cifar10", "cifar100"):
-        write_cifar(root / name, name, 20, 10, rng)
-    (root / "svhn").mkdir()
-    write_svhn(root / "svhn", rng)
-    return {"cifar10_table5": root / "cifar10", "depth_study": root / "cifar10", "cifar100": root / "cifar100",
-            "svhn": root / "svhn"}
-
-
-PRESET_JOBS = {  # (student, schedule) of every job; whether the preset retrains on train + valid
-    "cifar10_table5": ([(f"fitnet{i}", "fitnets") for i in range(1, 5)], True),
-    "cifar100": ([("fitnet4", "fitnets")], True),
-    "svhn": ([("fitnet3", "fitnets"), ("fitnet4", "fitnets")], False),
-    "depth_study": ([(f"depth{d}_{b}", s) for d in (5, 7, 9, 11) for b in ("30m", "107m")
-                     for s in ("backprop", "kd", "fitnets")], False),
+PRESET_JOBS = {  # dataset; (student, schedule) of every job; whether the preset retrains on train + valid
+    "cifar10_table5": ("cifar10", [(f"fitnet{i}", "fitnets") for i in range(1, 5)], True),
+    "cifar100": ("cifar100", [("fitnet4", "fitnets")], True),
+    "svhn": ("svhn", [("fitnet3", "fitnets"), ("fitnet4", "fitnets")], False),
+    "depth_study": ("cifar10", [(f"depth{d}_{b}", s) for d in (5, 7, 9, 11) for b in ("30m", "107m")
+                                for s in ("backprop", "kd", "fitnets")], False),
 }
 
 
 @pytest.mark.parametrize("experiment,valid", [("cifar10_table5", 10), ("cifar100", 10), ("svhn", 30), ("depth_study", 10)])
-def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, preset_data, tmp_path, monkeypatch):
+def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, tiny_datasets, tmp_path, monkeypatch):
     """In-process, so that torchvision accepts tiny files whose MD5 sums cannot match the real ones."""
     import torchvision
-    from fitnets_cli import cli
 
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
     monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args: True)
     sweep = tmp_path / "sweep"
-    monkeypatch.setattr("sys.argv", ["fitnets", "train", "-m", f"experiment={experiment}", "seed=0",
-                                     f"data.root={preset_data[experiment]}", f"dataset.valid_size={valid}",
-                                     f"teacher_store={tmp_path / 'teachers'}", "recipe.teacher.max_epochs=1",
-                                     "recipe.student.max_epochs=1", "device=cpu", f"hydra.sweep.dir={sweep}"])
-    cli.main()
-    jobs, retrain = PRESET_JOBS[experiment]
+    dataset, jobs, retrain = PRESET_JOBS[experiment]
+    main("train", "-m", f"experiment={experiment}", "seed=0", f"data.root={tiny_datasets[dataset]}",
+         f"dataset.valid_size={valid}", f"teacher_store={tmp_path / 'teachers'}", "recipe.teacher.max_epochs=1",
+         "recipe.student.max_epochs=1", "device=cpu", f"hydra.sweep.dir={sweep}")
     runs = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
     [teacher] = [m for m in runs if m["role"] == "teacher"]
     students = [m for m in runs if m["role"] == "student"]

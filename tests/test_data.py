@@ -37,20 +37,21 @@ def test_missing_dataset_names_the_fix(make_config, tmp_path):
         load_data(dataset_cfg(make_config, "mnist"), Data(root=str(tmp_path / "nowhere")), "cpu")
 
 
-@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
-def test_cifar_loads_from_official_pickles_with_gcn_zca_cached(make_config, tmp_path, monkeypatch, name, classes):
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loads_from_official_pickles_with_gcn_zca_cached(make_config, tiny_datasets, monkeypatch, name):
     # The tiny files cannot match torchvision's MD5 sums; everything else is torchvision's real reader.
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
-    write_cifar(tmp_path, name, 5 * classes, classes, np.random.default_rng(0))
-    ds = dataset_cfg(make_config, name, valid_size=classes)
-    splits = load_data(ds, Data(root=str(tmp_path)), "cpu")
-    assert splits.train[0].shape == (4 * classes, 3, 32, 32) and len(splits.valid[0]) == classes
-    assert splits.test[0].shape == (classes, 3, 32, 32)
-    assert sorted(splits.valid[1].tolist()) == list(range(classes))
-    cache = list((tmp_path / "fitnets_cache").glob(f"{name}-gcn_zca-*.pt"))
-    assert len(cache) == 1
-    monkeypatch.setattr("fitnets_cli.data.zca_fit", None)      # the second load must not whiten again
-    again = load_data(ds, Data(root=str(tmp_path)), "cpu")
+    root = tiny_datasets[name]      # 20 training images, labels cycling through the classes; 10 test images
+    ds = dataset_cfg(make_config, name, valid_size=10)
+    splits = load_data(ds, Data(root=str(root)), "cpu")
+    assert splits.train[0].shape == (10, 3, 32, 32) and splits.test[0].shape == (10, 3, 32, 32)
+    assert sorted(splits.valid[1].tolist()) == list(range(10)) and splits.test[1].tolist() == list(range(10))
+    # Whitened with the training images' statistics: features have zero mean over them (valid included).
+    images = torch.cat([splits.train[0], splits.valid[0]]).flatten(1)
+    assert images.mean(0).abs().max() < 1e-4
+    assert len(list((root / "fitnets_cache").glob(f"{name}-gcn_zca-*.pt"))) == 1
+    monkeypatch.setattr("fitnets_cli.data.zca_fit", None)      # a second load must not whiten again
+    again = load_data(ds, Data(root=str(root)), "cpu")
     assert torch.equal(again.train[0], splits.train[0])
 
 

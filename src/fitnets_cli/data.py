@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from fitnets_cli.checkpoint import DiskFull, atomic_write
 from fitnets_cli.config import ConfigError
@@ -106,6 +105,8 @@ def _load_raw(dataset, data) -> dict:
     if dataset.name not in FOLDERS:
         raise ConfigError(f"dataset.name={dataset.name!r} has no loader; use mnist, mnist_subset, cifar10, "
                           "cifar100 or svhn")
+    import torchvision   # a second to import: only the datasets read from files need it
+
     try:
         if dataset.name == "mnist":
             return {s: _mnist(torchvision.datasets.MNIST(root, train=s == "train", download=data.download))
