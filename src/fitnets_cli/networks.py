@@ -162,15 +162,16 @@ def build_network(spec: Network, in_shape, num_classes: int, init_range: float =
         net = build_net(spec.layers, in_shape, num_classes, init_range, dropout_input, dropout)
         net.build_spec = build_spec(spec, net.specs)
     else:
-        net = Tapped(instantiate(spec, num_classes), in_shape, num_classes, spec.name)
+        net = Tapped(instantiate(spec, num_classes, in_shape[0]), in_shape, num_classes, spec.name)
         net.build_spec = build_spec(spec)
     if spec.weights:
         load_weights(net, spec.weights, spec.name)
     return net
 
 
-def instantiate(spec: Network, num_classes: int) -> nn.Module:
-    """The nn.Module of a torchvision builder or of a dotted path; nothing is downloaded."""
+def instantiate(spec: Network, num_classes: int, in_channels: int) -> nn.Module:
+    """The nn.Module of a torchvision builder or of a dotted path; nothing is downloaded. Builders that take
+    `num_classes` or `in_channels` (the zoo's) get the dataset's."""
     if spec.arch:
         if spec.arch not in torchvision.models.list_models(module=torchvision.models):
             close = difflib.get_close_matches(spec.arch, torchvision.models.list_models(module=torchvision.models))
@@ -188,6 +189,8 @@ def instantiate(spec: Network, num_classes: int) -> nn.Module:
     takes = inspect.signature(make).parameters
     if "num_classes" in takes or any(p.kind == p.VAR_KEYWORD for p in takes.values()):
         kwargs.setdefault("num_classes", num_classes)
+    if "in_channels" in takes:
+        kwargs.setdefault("in_channels", in_channels)
     try:
         model = make(**kwargs)
     except TypeError as err:
