@@ -103,6 +103,7 @@ class Dataset:
     preprocess: str = "scale"           # scale | gcn_zca | gcn_lcn
     gcn_scale: float = 55.0
     zca_bias: float = 0.1
+    normalize: bool = False             # then subtract each channel's mean, divide by its std (training images)
     extra: bool = False                 # SVHN: train on train + extra
     students: List[str] = field(default_factory=list)   # the paper's students on this dataset (compare's default)
     augment: Augment = field(default_factory=Augment)
@@ -140,6 +141,9 @@ class Optim:
     lr_decay_saturate: int = 0
     lr_exp_decay: float = 1.0           # divide the LR by this after every update (pylearn2 ExponentialDecay)
     lr_min: float = 0.0                 # ... but never below this
+    lr_steps: List[int] = field(default_factory=list)   # multiply the LR by lr_step_factor from each of
+    lr_step_factor: float = 0.1                          # these (0-based) epochs on
+    weight_decay: float = 0.0           # L2 penalty on every trained parameter (the optimiser's weight_decay)
     batch_size: int = 128
     drop_last: bool = False             # skip each epoch's last partial batch (pylearn2's even_* iterators)
     max_epochs: int = 500
@@ -156,6 +160,8 @@ class Optim:
         _require(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
         _require(self.patience > 0, f"patience must be > 0, got {self.patience}")
         _require(self.lr_exp_decay >= 1, f"lr_exp_decay must be >= 1 (1: off), got {self.lr_exp_decay}")
+        _require(self.weight_decay >= 0 and 0 < self.lr_step_factor <= 1 and all(e > 0 for e in self.lr_steps),
+                 "weight_decay must be >= 0, lr_step_factor in (0, 1] and lr_steps epochs > 0")
         # Settings that would otherwise be accepted and have no effect:
         _require(self.optimizer == "sgd" or self.momentum == self.momentum_final == 0,
                  "momentum / momentum_final apply to optimizer=sgd only; set them to 0 with rmsprop")
@@ -188,6 +194,13 @@ class Recipe:
     teacher: Optim = MISSING
     kd: KD = field(default_factory=KD)
     retrain_full: bool = False          # after validation picks epoch counts, retrain on train + valid
+    hint_epochs: Optional[int] = None   # each hint stage's epochs; None: recipe.student.max_epochs
+    # Networks that this recipe trains at another LR (network name -> LR, replacing recipe.student.lr or
+    # recipe.teacher.lr for them): the CRD benchmark's 0.01 for MobileNetV2 and the ShuffleNets.
+    lr_by_network: Dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _require(self.hint_epochs is None or self.hint_epochs > 0, "recipe.hint_epochs must be > 0 (or null)")
 
 
 @dataclass
@@ -213,7 +226,7 @@ class Hints:
 class Schedule:
     name: str = MISSING
     stages: List[str] = MISSING         # hint | kd | ce | joint, run in order
-    hint_weight: float = 1.0            # joint stage: ce + hint_weight * hint loss
+    hint_weight: float = 1.0            # the hint loss's weight: hint_weight * hint (hint), ce + that (joint)
 
     def __post_init__(self):
         for stage in self.stages:
@@ -261,6 +274,7 @@ class Config:
     runs: Any = field(default_factory=list)             # run directories, globs or sweep directories
     format: str = "table"                               # table | md | csv | json
     metric: str = "accuracy"                            # accuracy | error: what the table shows
+    layout: str = "rows"                                # rows | benchmark (a column per teacher/student pair)
     out: Optional[str] = None                           # write md/csv/json here instead of stdout
     plots: Optional[str] = None                         # write PNG plots into this directory
     speed: Speed = field(default_factory=Speed)
@@ -270,9 +284,14 @@ class Config:
             self.runs = [self.runs]
         _one_of(self.format, ("table", "md", "csv", "json"), "format")
         _one_of(self.metric, ("accuracy", "error"), "metric")
+        _one_of(self.layout, ("rows", "benchmark"), "layout")
         _one_of(self.device, ("auto", "cpu", "cuda"), "device")
         _one_of(self.counting, ("actual", "paper"), "counting")
         _require(self.eval_batch_size > 0, "eval_batch_size must be > 0")
+        for role in ("teacher", "student"):   # recorded as trained: the run's config shows the LR it used
+            net = getattr(self, role)
+            if self.recipe is not None and net is not None and net.name in self.recipe.lr_by_network:
+                getattr(self.recipe, role).lr = self.recipe.lr_by_network[net.name]
 
 
 ConfigStore.instance().store(name="schema", node=Config)

@@ -138,6 +138,11 @@ def _svhn(ds):
 # ---------------------------------------------------------------- preprocessing
 
 def _preprocess(raw: dict, dataset, data) -> dict:
+    images = _paper_preprocess(raw, dataset, data)
+    return standardize(images, images["train"]) if dataset.normalize else images
+
+
+def _paper_preprocess(raw: dict, dataset, data) -> dict:
     if dataset.preprocess == "scale":
         return {s: x.float() / 255 for s, (x, _) in raw.items()}
     key = f"{dataset.name}-{dataset.preprocess}-gcn{dataset.gcn_scale:g}"
@@ -171,6 +176,13 @@ def gcn(x, scale: float):
     flat = flat - flat.mean(1, keepdim=True)
     norm = flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
     return (scale * flat / norm).view_as(x)
+
+
+def standardize(images: dict, train) -> dict:
+    """Per channel, subtract the training images' mean and divide by their standard deviation (the CRD
+    benchmark normalises CIFAR-100 so, with fixed constants; here they are computed from the images)."""
+    std, mean = torch.std_mean(train, dim=(0, 2, 3), keepdim=True)
+    return {s: (x - mean) / std for s, x in images.items()}
 
 
 def zca_fit(x, bias: float, batch: int = 5000):

@@ -144,7 +144,8 @@ def stage_loss(s: Session, stage: Stage, x, y, lam: float, targets: dict):
     if stage.kind == "hint":
         plan = stage.plans[0]
         guided = s.student.taps(x, [plan.guided])[plan.guided]
-        loss = hint_loss(targets[plan.hint], regress(s, plan.guided, guided), hints.reduction)
+        loss = s.cfg.schedule.hint_weight * hint_loss(targets[plan.hint], regress(s, plan.guided, guided),
+                                                      hints.reduction)
         return loss, {"hint": loss}, None
     if stage.kind == "kd":
         logits = s.student(x)
@@ -194,15 +195,17 @@ def make_optimizer(modules: list[nn.Module], regressors, optim: Optim):
               {"params": rest, "lr": optim.lr, "lr_scale": 1.0}]
     groups = [g for g in groups if g["params"]]
     if optim.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=optim.lr, alpha=optim.rms_decay, eps=optim.rms_eps)
-    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum)
+        return torch.optim.RMSprop(groups, lr=optim.lr, alpha=optim.rms_decay, eps=optim.rms_eps,
+                                   weight_decay=optim.weight_decay)
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 def set_hyper(opt, optim: Optim, epoch: int, update: int) -> float:
-    """Apply the LR (linear decay by epoch, exponential by update) and the momentum ramp at this update of
-    the stage; return the base LR."""
+    """Apply the LR (linear decay by epoch, steps at epochs, exponential by update) and the momentum ramp at
+    this update of the stage; return the base LR."""
     ramp = lambda saturate: min(epoch / saturate, 1.0) if saturate > 0 else 0.0
     lr = optim.lr * (1 - (1 - optim.lr_decay_factor) * ramp(optim.lr_decay_saturate))
+    lr *= optim.lr_step_factor ** sum(epoch >= step for step in optim.lr_steps)
     if optim.lr_exp_decay != 1:
         lr = max(lr / optim.lr_exp_decay ** update, optim.lr_min)
     momentum = optim.momentum + (optim.momentum_final - optim.momentum) * ramp(optim.momentum_saturate)
@@ -401,8 +404,9 @@ def run_stages(s: Session, stages: list[Stage], train, valid, epochs=None, prefi
     with progress:
         for i in range(len(results), len(stages)):
             at = state["at"] if state and i == state["stage"] else None
-            results.append(run_stage(s, stages[i], train, valid, epochs[i] if epochs else s.optim.max_epochs,
-                                     progress, at))
+            hint_epochs = s.cfg.recipe.hint_epochs if stages[i].kind == "hint" else None
+            results.append(run_stage(s, stages[i], train, valid, epochs[i] if epochs else hint_epochs or
+                                     s.optim.max_epochs, progress, at))
             s.checkpoint(None)   # the stage boundary
     return results
 
