@@ -24,18 +24,43 @@ from fitnets_cli.ui import console, errors
 
 # key -> column header. Accuracies are in percent; gaps are percentage points.
 COLUMNS = {
-    "model": "model", "schedule": "schedule", "variant": "variant", "dataset": "dataset", "seeds": "seeds",
+    "model": "model", "teacher": "teacher", "schedule": "schedule", "variant": "variant", "dataset": "dataset",
+    "seeds": "seeds",
     "layers": "layers", "params": "params", "mults": "mults", "flops": "FLOPs (2x mults)",
     "latency_ms": "latency ms", "speedup": "speed-up", "compression": "compression",
     "test_acc": "test acc % best-valid", "test_acc_last": "test acc % last-epoch",
     "gap_teacher": "vs teacher", "gap_backprop": "vs backprop",
 }
-TEXT_COLUMNS = ("model", "schedule", "variant", "dataset")
-SCHEDULE_ORDER = ("", "backprop", "kd", "hint_joint", "fitnets")
+TEXT_COLUMNS = ("model", "teacher", "schedule", "variant", "dataset")
+SCHEDULE_ORDER = ("", "backprop", "kd", "hint_joint", "crd_fitnet", "fitnets")
 # Config keys that do not change what a run measures: runs that differ only in these (and the seed) group.
 NOT_IDENTITY = ("seed", "command", "device", "counting", "checkpoint", "eval_batch_size", "students", "runs",
                 "format", "out", "plots", "speed", "teacher_store", "data.root", "data.cache", "data.download",
                 "teacher.checkpoint", "teacher.auto_train", "teacher.variants")
+# CIFAR-100 test accuracy (%) published for the CRD benchmark's 13 pairs: the CRD paper's Tables 1 and 2
+# (Tian, Krishnan and Isola, Contrastive Representation Distillation, ICLR 2020), as tabulated in the
+# README of its code, HobbitLong/RepDistiller, whose train_student.py says they are the last epoch's, trained
+# on all 50,000 training images. Per (teacher, student): the teacher, the student trained alone, KD, and
+# "FitNet", the one-stage imitation that schedule=crd_fitnet runs (the paper's two stages, schedule=fitnets,
+# were not in the benchmark).
+PUBLISHED = {
+    ("wrn_40_2", "wrn_16_2"): (75.61, 73.26, 74.92, 73.58),
+    ("wrn_40_2", "wrn_40_1"): (75.61, 71.98, 73.54, 72.24),
+    ("resnet56", "resnet20"): (72.34, 69.06, 70.66, 69.21),
+    ("resnet110", "resnet20"): (74.31, 69.06, 70.67, 68.99),
+    ("resnet110", "resnet32"): (74.31, 71.14, 73.08, 71.06),
+    ("resnet32x4", "resnet8x4"): (79.42, 72.50, 73.33, 73.50),
+    ("vgg13", "vgg8"): (74.64, 70.36, 72.98, 71.02),
+    ("vgg13", "MobileNetV2"): (74.64, 64.60, 67.37, 64.14),
+    ("ResNet50", "MobileNetV2"): (79.34, 64.60, 67.35, 63.16),
+    ("ResNet50", "vgg8"): (79.34, 70.36, 73.81, 70.69),
+    ("resnet32x4", "ShuffleV1"): (79.42, 70.50, 74.07, 73.59),
+    ("resnet32x4", "ShuffleV2"): (79.42, 71.82, 74.45, 73.54),
+    ("wrn_40_2", "ShuffleV1"): (75.61, 70.50, 74.83, 73.73),
+}
+PUBLISHED_METHODS = ("teacher", "backprop", "kd", "crd_fitnet")
+METHODS = {"teacher": "teacher", "backprop": "student (backprop)", "kd": "KD", "hint_joint": "hint_joint",
+           "crd_fitnet": "FitNet (crd_fitnet)", "fitnets": "FitNets, two stages (fitnets)"}
 # A teacher's run is also unaffected by the student settings of the config it was trained under.
 NOT_TEACHER_IDENTITY = ("student", "hints", "schedule", "recipe.student", "recipe.kd", "recipe.retrain_full")
 
@@ -104,8 +129,9 @@ def group_row(group: list[dict], counting: str) -> dict:
     network = network_of(arch["network"])
     acc = _mean_std([100 * r["metrics"]["test"]["acc"] for r in group])
     last = _mean_std([100 * r["metrics"].get("test_last", r["metrics"]["test"])["acc"] for r in group])
-    return {"model": m["model"], "role": m["role"], "schedule": m["schedule"] if m["role"] == "student" else "",
-            "dataset": m["dataset"], "seeds": len(group),
+    student = m["role"] == "student"
+    return {"model": m["model"], "role": m["role"], "teacher": m.get("teacher") if student else None,
+            "schedule": m["schedule"] if student else "", "dataset": m["dataset"], "seeds": len(group),
             **count(network, arch["in_shape"], arch["num_classes"], counting),
             "arch": (network, arch["in_shape"], arch["num_classes"]),
             "test_acc": acc[0], "test_acc_std": acc[1], "test_acc_last": last[0], "test_acc_last_std": last[1],
@@ -113,10 +139,10 @@ def group_row(group: list[dict], counting: str) -> dict:
 
 
 def _label_variants(rows: list[dict]) -> None:
-    """Where groups share model, schedule and dataset, name the settings that tell them apart."""
+    """Where groups share model, teacher, schedule and dataset, name the settings that tell them apart."""
     by_label = {}
     for r in rows:
-        by_label.setdefault((r["model"], r["schedule"], r["dataset"]), []).append(r)
+        by_label.setdefault((r["model"], r.get("teacher"), r["schedule"], r["dataset"]), []).append(r)
     for same in by_label.values():
         if len(same) > 1:
             keys = sorted({k for r in same for k, v in r["identity"].items() if any(o["identity"].get(k) != v for o in same)})
@@ -171,7 +197,9 @@ def device_name(device) -> str:
 def add_references(rows: list[dict]) -> None:
     """Speed-up, compression and accuracy gaps against the same dataset's teacher and backprop student."""
     for r in rows:
-        teacher = next((t for t in rows if t["role"] == "teacher" and t["dataset"] == r["dataset"]), None)
+        teachers = [t for t in rows if t["role"] == "teacher" and t["dataset"] == r["dataset"]]
+        # The row's own teacher where its runs name one that is among the rows, else the dataset's first.
+        teacher = next((t for t in teachers if t["model"] == r.get("teacher")), teachers[0] if teachers else None)
         # The same student by backprop: of several, the one whose settings match this row's most closely.
         backprops = [b for b in rows if b["schedule"] == "backprop" and b["dataset"] == r["dataset"]
                      and b["model"] == r["model"]]
@@ -235,6 +263,93 @@ def render(rows: list[dict], columns: list[str], fmt: str, note: str, metric: st
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
+def benchmark_records(rows: list[dict]) -> list[dict]:
+    """One record per (pair, method, variant) of the runs' teacher/student pairs, the benchmark's pairs first
+    in its order, each with the published figure for that pair and method where there is one."""
+    students = [r for r in rows if r["role"] == "student" and r.get("teacher") and "test_acc" in r]
+    pairs = list(dict.fromkeys((r["dataset"], r["teacher"], r["model"]) for r in students))
+    known = list(PUBLISHED)
+    pairs.sort(key=lambda p: known.index(p[1:]) if p[1:] in known else len(known))
+    records = []
+    for dataset, teacher, student in pairs:
+        published = dict(zip(PUBLISHED_METHODS, PUBLISHED.get((teacher, student), ()))) if dataset == "cifar100" else {}
+        by_method = {"teacher": [r for r in rows if r["role"] == "teacher" and r["model"] == teacher
+                                 and r["dataset"] == dataset and "test_acc" in r]}
+        for r in students:
+            if (r["dataset"], r["teacher"], r["model"]) == (dataset, teacher, student):
+                by_method.setdefault(r["schedule"], []).append(r)
+        for method in published:
+            by_method.setdefault(method, [])
+        for method, runs in by_method.items():
+            records += [{"dataset": dataset, "teacher": teacher, "student": student, "method": method,
+                         "variant": r.get("variant") or "", "published": published.get(method),
+                         **{k: r.get(k) for k in ("seeds", "test_acc", "test_acc_std", "test_acc_last",
+                                                  "test_acc_last_std", "runs")}} for r in runs or [{}]]
+    return records
+
+
+def benchmark_table(records: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
+    """The records laid out as the benchmark's tables: a column per pair, a row per method, each followed
+    by a row of the published figures where the benchmark has them."""
+    pairs = list(dict.fromkeys((r["dataset"], r["teacher"], r["student"]) for r in records))
+    several = len({p[0] for p in pairs}) > 1
+    header = ["method"] + [f"{t} -> {s}" + (f" ({d})" if several else "") for d, t, s in pairs]
+    order = lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS)
+    methods = sorted(dict.fromkeys((r["method"], r["variant"]) for r in records), key=lambda mv: order(mv[0]))
+    value = lambda v: f"{100 - v if metric == 'error' else v:.2f}"
+    lines = []
+    for method, variant in methods:
+        at = {(r["dataset"], r["teacher"], r["student"]): r for r in records
+              if (r["method"], r["variant"]) == (method, variant)}
+        cells = []
+        for p in pairs:
+            r = at.get(p, {})
+            cells.append("" if r.get("test_acc") is None else value(r["test_acc_last"]) +
+                         (f" ± {r['test_acc_last_std']:.2f}" if r["seeds"] > 1 else "") + f" ({value(r['test_acc'])})")
+        if any(cells):
+            lines.append([METHODS.get(method, method) + (f" [{variant}]" if variant else "")] + cells)
+        if method in PUBLISHED_METHODS and not variant and any(at.get(p, {}).get("published") for p in pairs):
+            lines.append(["  published"] + ["" if at.get(p, {}).get("published") is None else
+                                            value(at[p]["published"]) for p in pairs])
+    return header, lines
+
+
+def show_benchmark(rows: list[dict], cfg: Config) -> list[dict]:
+    """Print (or write) the benchmark-style table of the runs; return its records."""
+    records = benchmark_records(rows)
+    if not records:
+        raise ConfigError("layout=benchmark needs runs of students trained with a teacher (runs=DIR)")
+    header, lines = benchmark_table(records, cfg.metric)
+    note = (f"test {cfg.metric} %: at the last epoch (at the best-validation epoch in brackets), mean ± sample std "
+            "over seeds; published: the CRD paper's Tables 1-2 (Tian et al., ICLR 2020; HobbitLong/RepDistiller), "
+            "last epoch, trained on all 50,000 training images; its FitNet is crd_fitnet here")
+    if cfg.format == "table" or cfg.out:
+        table = Table(title="benchmark", caption=note)
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+        for line in lines:
+            table.add_row(*line)
+        console.print(table)
+    if cfg.format != "table":
+        if cfg.format == "md":
+            text = "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *lines])
+            text += f"\n\n{note}\n"
+        elif cfg.format == "json":
+            text = json.dumps(records, indent=2) + "\n"
+        else:
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, [k for k in records[0] if k != "runs"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+            text = buf.getvalue()
+        if cfg.out:
+            write_text(Path(cfg.out), text)
+            console.print(f"wrote {cfg.out}")
+        else:
+            print(text, end="")
+    return records
+
+
 def compare_command(cfg: Config) -> list[dict]:
     """Print (or write) the comparison table, and the plots when plots=DIR."""
     rows = []
@@ -244,6 +359,8 @@ def compare_command(cfg: Config) -> list[dict]:
         _label_variants(rows)
     if cfg.students or not cfg.runs:
         rows += arch_rows(cfg)
+    if cfg.layout == "benchmark":
+        return show_benchmark(rows, cfg)
     device = pick_device(cfg.device)
     note = f"counting={cfg.counting}; FLOPs = 2 x multiply-adds (torch.utils.flop_counter)"
     if cfg.speed.enabled:
@@ -256,10 +373,12 @@ def compare_command(cfg: Config) -> list[dict]:
     if cfg.metric == "error":
         note += "; vs teacher / vs backprop: difference in test error, percentage points (negative: fewer errors)"
     add_references(rows)
-    rows.sort(key=lambda r: (r["dataset"], r["role"] != "teacher", r["model"],
+    rows.sort(key=lambda r: (r["dataset"], r["role"] != "teacher", r.get("teacher") or "", r["model"],
                              SCHEDULE_ORDER.index(r["schedule"]) if r["schedule"] in SCHEDULE_ORDER else 9,
                              r.get("variant", "")))
-    columns = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows) or c in ("model", "params", "mults")]
+    several = len({r.get("teacher") for r in rows if r["role"] == "student"}) > 1   # else its row says which
+    columns = [c for c in COLUMNS if (c != "teacher" or several)
+               and (any(r.get(c) not in (None, "") for r in rows) or c in ("model", "params", "mults"))]
     table = Table(title="compare", caption=note)
     for c in columns:
         table.add_column(header(c, cfg.metric), justify="left" if c in TEXT_COLUMNS else "right", overflow="fold",
