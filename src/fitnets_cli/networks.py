@@ -213,7 +213,8 @@ def network_of(build: dict) -> Network:
 
 
 def load_weights(net: nn.Module, path: str, name: str) -> None:
-    """Load a plain state_dict file (or a dict holding one under "state_dict" or "model") into the network."""
+    """Load a plain state_dict file (or a dict holding one under "state_dict" or "model", beside other entries
+    such as the epoch, the accuracy or the optimiser's state, as RepDistiller's checkpoints) into the network."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file {path} for {name} does not exist")
@@ -221,8 +222,8 @@ def load_weights(net: nn.Module, path: str, name: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ConfigError(f"weights file {path} is unreadable ({str(err).splitlines()[0][:120]})") from None
-    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-        state = state.get("state_dict") or state.get("model") or state
+    held = [state.get(k) for k in ("state_dict", "model")] if isinstance(state, dict) else []
+    state = next((h for h in held if isinstance(h, dict)), state)
     target = net.model if isinstance(net, Tapped) else net
     try:
         target.load_state_dict(state)
