@@ -8,8 +8,10 @@
 
 Each is warmed up for `steps` steps and timed over the next 2 x `steps`.
 
-for stage 1 (hints) and stage 2 (KD) of FitNet-4 with the maxout teacher at CIFAR-10 shape, and of the
-MNIST FitNet with the MNIST maxout teacher. Prints images/s, b/a and b/c, and peak memory.
+for stage 1 (hints) and stage 2 (KD) of FitNet-4 with the maxout teacher at CIFAR-10 shape, of the MNIST
+FitNet with the MNIST maxout teacher, and of resnet8x4 with resnet32x4 on the CRD benchmark's CIFAR-100
+recipe (experiment=crd_cifar100). Each pair trains with its recipe's optimiser, in all three loops. Prints
+images/s, b/a and b/c, and peak memory.
 
   python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--amp on|off|both] [--compile] [--json bench.json]
 
@@ -36,14 +38,16 @@ from torch.utils.tensorboard import SummaryWriter
 from fitnets_cli.config import to_config
 from fitnets_cli.dist import pick_device
 from fitnets_cli.evaluate import evaluate
-from fitnets_cli.hints import key, make_regressors, plan_hints
+from fitnets_cli.hints import make_regressors, plan_hints
 from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.networks import build_network
-from fitnets_cli.train import Session, autocast, make_stages, maybe_compile, run_stages, trained_modules
+from fitnets_cli.train import (Session, autocast, make_optimizer, make_stages, maybe_compile, regress, run_stages,
+                               trained_modules)
 
 PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
     "fitnet_mnist/maxout MNIST": (["dataset=mnist", "student=fitnet_mnist"], (1, 28, 28), 50_000),
+    "resnet8x4/resnet32x4 CIFAR-100": (["experiment=crd_cifar100", "pair=resnet32x4-resnet8x4"], (3, 32, 32), 50_000),
 }
 LAM = 4.0   # the KD weight of the (a) and (c) steps: lam at the start of stage 2, where (b) is timed
 
@@ -67,16 +71,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def method_loss(s, plan, t, out, y):
+    """The stage's loss from the teacher's and the student's outputs (`plan`: the hint stage's pair, else KD)."""
+    if plan:
+        return s.cfg.schedule.hint_weight * hint_loss(t[plan.hint], regress(s, plan.guided, out[plan.guided]),
+                                                      s.cfg.hints.reduction)
+    kd = s.cfg.recipe.kd
+    return kd_loss(out[None], t[None], y, kd.tau, LAM, kd.form, kd.ce_weight)[0]
+
+
 def floor_loss(s, stage, x, y):
-    """The bare step's loss: the teacher as deep as the stage needs, the student, the loss; nothing else."""
-    tap = stage.plans[0].hint if stage.kind == "hint" else None
+    """The bare step's loss: the teacher and the student as deep as the stage needs, the loss; nothing else."""
+    plan = stage.plans[0] if stage.kind == "hint" else None
+    tap = plan.guided if plan else None
     with torch.no_grad():
-        target = s.teacher.taps(x, [tap])[tap]
-    if stage.kind == "hint":
-        plan = stage.plans[0]
-        guided = s.student.taps(x, [plan.guided])[plan.guided]
-        return hint_loss(target, s.regressors[key(plan.guided)](guided), s.cfg.hints.reduction)
-    return kd_loss(s.student(x), target, y, s.cfg.recipe.kd.tau, LAM)[0]
+        t = s.teacher.taps(x, [plan.hint if plan else None])
+    return method_loss(s, plan, t, s.student.taps(x, [tap]), y)
 
 
 def floor_step(s, stage, x, y, opt):
@@ -93,10 +103,7 @@ def conventional_loss(s, stage, x, y):
     plan = stage.plans[0] if stage.kind == "hint" else None
     with torch.no_grad():
         t = s.teacher.taps(x, [None] + ([plan.hint] if plan else []))
-    out = s.student.taps(x, [None] + ([plan.guided] if plan else []))
-    if plan:
-        return hint_loss(t[plan.hint], s.regressors[key(plan.guided)](out[plan.guided]), s.cfg.hints.reduction)
-    return kd_loss(out[None], t[None], y, s.cfg.recipe.kd.tau, LAM)[0]
+    return method_loss(s, plan, t, s.student.taps(x, [None] + ([plan.guided] if plan else [])), y)
 
 
 class UInt8Images(torch.utils.data.Dataset):
@@ -116,9 +123,9 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def conventional_loader(shape, n, batch, augment):
+def conventional_loader(shape, n, batch, augment, pad: int = 8):
     """The dataset with per-sample PIL transforms, through a DataLoader with 2 workers."""
-    steps = [T.RandomCrop(shape[1], padding=8), T.RandomHorizontalFlip()] if augment else []
+    steps = [T.RandomCrop(shape[1], padding=pad), T.RandomHorizontalFlip()] if augment else []
     ds = UInt8Images(n, shape, T.Compose(steps + [T.ToTensor()]))
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, drop_last=True)
 
@@ -127,12 +134,17 @@ def params_of(s, stage):
     return [p for module in trained_modules(s, stage) for p in module.parameters()]
 
 
+def optimizer(s, stage):
+    """The optimiser our loop makes for the stage (the recipe's), for every loop."""
+    return make_optimizer(trained_modules(s, stage), list(s.regressors.values()), s.optim)
+
+
 def bench_stage(s, stage, shape, steps, batch, device, full):
     """images/s of (a), (b) and (c) for one stage; (b) trains on the first images of `full`."""
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
-    opt = torch.optim.RMSprop(params_of(s, stage), lr=1e-4, alpha=0.9, eps=1e-5)
+    opt = optimizer(s, stage)
     for _ in range(steps):                                  # warm-up
         floor_step(s, stage, x, y, opt)
     sync(device)
@@ -147,9 +159,9 @@ def bench_stage(s, stage, shape, steps, batch, device, full):
     [result] = run_stages(s, [stage], train, None, epochs=[3])
     ours = n / statistics.median(h["epoch_s"] for h in result["history"][1:])   # epoch 1 warms up
 
-    aug = s.cfg.dataset.augment
-    loader = conventional_loader(shape, 3 * n, batch, aug.pad or aug.flip)
-    opt = torch.optim.RMSprop(params_of(s, stage), lr=1e-4, alpha=0.9, eps=1e-5)
+    aug = s.optim.augment or s.cfg.dataset.augment
+    loader = conventional_loader(shape, 3 * n, batch, aug.pad or aug.flip, aug.pad)
+    opt = optimizer(s, stage)
     for i, (xb, yb) in enumerate(loader):
         if i == steps:                                       # the first `steps` batches warm up
             start = time.perf_counter()
