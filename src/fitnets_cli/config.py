@@ -288,10 +288,6 @@ class Config:
         _one_of(self.device, ("auto", "cpu", "cuda"), "device")
         _one_of(self.counting, ("actual", "paper"), "counting")
         _require(self.eval_batch_size > 0, "eval_batch_size must be > 0")
-        for role in ("teacher", "student"):   # recorded as trained: the run's config shows the LR it used
-            net = getattr(self, role)
-            if self.recipe is not None and net is not None and net.name in self.recipe.lr_by_network:
-                getattr(self.recipe, role).lr = self.recipe.lr_by_network[net.name]
 
 
 ConfigStore.instance().store(name="schema", node=Config)

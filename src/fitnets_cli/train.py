@@ -638,9 +638,22 @@ class AlreadyFinished(Exception):
     """resume= named a finished run: nothing to do."""
 
 
+def network_lrs(cfg: Config) -> Config:
+    """The config with the LR that recipe.lr_by_network gives the teacher or the student it names."""
+    lrs = cfg.recipe.lr_by_network if cfg.recipe else {}
+    for role in ("teacher", "student"):
+        net = getattr(cfg, role)
+        if net is not None and net.name in lrs:
+            optim = replace(getattr(cfg.recipe, role), lr=lrs[net.name])
+            cfg = replace(cfg, recipe=replace(cfg.recipe, **{role: optim}))
+    return cfg
+
+
 def prepare(cfg: Config, run_dir: Path | None = None) -> tuple[Config, Path, dict | None]:
     """The run's config, directory and resumable state: with resume=DIR, the saved config and state of DIR.
-    A `run_dir` passed in is an auto-trained teacher's, which continues where its student's run stopped."""
+    A `run_dir` passed in is an auto-trained teacher's, which continues where its student's run stopped.
+    The LRs of recipe.lr_by_network are applied here, so that the run's saved config shows what trained."""
+    cfg = network_lrs(cfg)
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / "config_resolved.yaml"

@@ -133,7 +133,7 @@ resnet8x4 = partial(resnet, 8, (32, 64, 128, 256))
 resnet32x4 = partial(resnet, 32, (32, 64, 128, 256))
 
 
-def ResNet50(num_classes: int = 100, in_channels: int = 3) -> ResNet:   # the benchmark's names, capitals and all
+def ResNet50(num_classes: int = 100, in_channels: int = 3) -> ResNet:   # named as the benchmark names it
     """The benchmark's CIFAR ResNet50 (resnetv2.py): ImageNet's bottleneck stages on a 3x3 stride-1 stem."""
     return ResNet(Bottleneck, (64, 64, 128, 256, 512), (3, 4, 6, 3), num_classes, in_channels, head="linear")
 
@@ -339,8 +339,9 @@ class DownUnit(nn.Module):
 
 
 class ShuffleV2(nn.Module):
-    """ShuffleNet V2 (the benchmark's name): a 1x1 stem to 24 channels, stages `layer1`..`layer3` (a stride-2 unit, then 3, 7, 3 units at 116, 232,
-    464 channels), a 1x1 conv to 1024 channels, pooling and a linear classifier (width 1 of the paper)."""
+    """ShuffleNet V2 (the benchmark's name), width 1: a 1x1 stem to 24 channels, stages `layer1`..`layer3` (a
+    stride-2 unit, then 3, 7, 3 units at 116, 232, 464 channels), a 1x1 conv to 1024 channels, pooling and a
+    linear classifier."""
 
     def __init__(self, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
