@@ -13,9 +13,11 @@ FitNet with the MNIST maxout teacher, and of resnet8x4 with resnet32x4 on the CR
 recipe (experiment=crd_cifar100). Each pair trains with its recipe's optimiser, in all three loops. Prints
 images/s, b/a and b/c, and peak memory.
 
-  python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--amp on|off|both] [--compile] [--json bench.json]
+  python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--amp on|off|both] [--compile]
+                          [--channels-last on|off|preset] [--only NAME] [--json bench.json]
 
---amp and --compile set the CLI's `amp` and `compile` options; the floor step runs under the same autocast.
+--amp, --compile and --channels-last set the CLI's `amp`, `compile` and `channels_last` options (the floor and
+conventional steps use the same networks, under the same autocast).
 --amp both measures each stage in fp32 and in bf16 and prints the speed-up of our loop (b) under bf16.
 """
 
@@ -190,6 +192,8 @@ def main():
     parser.add_argument("--amp", choices=["on", "off", "both"], default="off",
                         help="bf16 autocast (the CLI's amp); both: each stage in fp32 and in bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer (the CLI's compile)")
+    parser.add_argument("--channels-last", choices=["on", "off", "preset"], default="preset",
+                        help="the CLI's channels_last; preset: as each pair's config sets it")
     parser.add_argument("--only", help="run only the pairs whose name contains this")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tb", default="/tmp/fitnets-bench-tb", help="TensorBoard scratch directory")
@@ -206,13 +210,15 @@ def main():
         full = torch.randn(train_size, *shape, device=device)
         held_out = torch.randn(2 * 10_000, *shape, device=device)
         for amp in amps:
-            s, plans = setup(overrides + [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"],
-                             device, args.tb)
+            options = [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"]
+            if args.channels_last != "preset":
+                options.append(f"channels_last={args.channels_last == 'on'}")
+            s, plans = setup(overrides + options, device, args.tb)
             evaluate(s.student, held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device), 1000)
             for stage in make_stages(["hint", "kd"], plans):
                 floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
                 results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
-                                "amp": "bf16" if amp else "fp32", "floor_ips": floor, "ours_ips": ours,
+                                "amp": "bf16" if amp else "fp32", "channels_last": s.cfg.channels_last, "floor_ips": floor, "ours_ips": ours,
                                 "conventional_ips": conventional, "b_over_a": ours / floor,
                                 "b_over_c": ours / conventional})
                 console.print(results[-1])
@@ -220,10 +226,10 @@ def main():
         del full, held_out
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     table = Table(title=f"training images/s on {name}, batch {args.batch}, compile {args.compile}")
-    for col in ("pair", "stage", "amp", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c", "peak GiB"):
+    for col in ("pair", "stage", "amp", "channels_last", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c", "peak GiB"):
         table.add_column(col)
     for r in results:
-        table.add_row(r["pair"], r["stage"], r["amp"], f"{r['floor_ips']:.0f}", f"{r['ours_ips']:.0f}",
+        table.add_row(r["pair"], r["stage"], r["amp"], str(r["channels_last"]), f"{r['floor_ips']:.0f}", f"{r['ours_ips']:.0f}",
                       f"{r['conventional_ips']:.0f}", f"{r['b_over_a']:.2f}", f"{r['b_over_c']:.2f}",
                       f"{r['peak_memory_gib']:.2f}")
     console.print(table)
@@ -234,7 +240,7 @@ def main():
         console.print(f"{r['pair']}, stage {r['stage']}: our loop under bf16 runs {r['bf16_over_fp32']:.2f}x fp32")
     if args.json:
         meta = {"device": name, "machine": platform.machine(), "torch": torch.__version__, "batch": args.batch,
-                "steps": args.steps, "amp": args.amp, "compile": args.compile}
+                "steps": args.steps, "amp": args.amp, "compile": args.compile, "channels_last": args.channels_last}
         with open(args.json, "w") as f:
             json.dump({**meta, "results": results, "amp_speedups": speedups}, f, indent=2)
 

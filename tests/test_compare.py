@@ -145,7 +145,7 @@ def test_table5_architecture_comparison_reproduces_the_paper_counts():
 
 
 def test_the_issue_presets_exist():
-    assert {"cifar10_table5", "cifar100", "svhn", "mnist_table4", "depth_study"} <= set(EXPERIMENTS)
+    assert {"cifar10_table5", "cifar100", "svhn", "mnist_table4", "depth_study", "crd_cifar100"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -154,15 +154,23 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
     params = OmegaConf.select(preset, "hydra.sweeper.params") or {}
     grid = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
     jobs = list(itertools.product(*grid))
-    expected = {"depth_study": 24, "cifar10_table5": 4, "mnist_table4": 3, "mnist_table4_cpu": 9, "svhn": 2}
+    expected = {"depth_study": 24, "cifar10_table5": 4, "mnist_table4": 3, "mnist_table4_cpu": 9, "svhn": 2,
+                "crd_cifar100": 13 * 4, "crd_mnist_cpu": 4}
     assert len(jobs) == expected.get(experiment, 1)
+    built = {}   # each network once: the jobs of a preset share them
+
+    def net(spec, shape, classes):
+        if repr(spec) not in built:
+            built[repr(spec)] = build_network(spec, shape, classes)
+        return built[repr(spec)]
+
     for job in jobs:
         cfg = make_config("train", [f"experiment={experiment}", *job])
         assert cfg.teacher.auto_train
         if {"hint", "joint"} & set(cfg.schedule.stages):
-            shape = cfg.dataset.in_shape
-            plan_hints(build_network(cfg.teacher, shape, 10), build_network(cfg.student, shape, 10),
-                       cfg.hints.pairs, cfg.hints)
+            shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
+            assert plan_hints(net(cfg.teacher, shape, classes), net(cfg.student, shape, classes), cfg.hints.pairs,
+                              cfg.hints)
 
 
 PRESET_JOBS = {  # dataset; (student, schedule) of every job; whether the preset retrains on train + valid

@@ -263,6 +263,7 @@ class Config:
     teacher_cache_gb: float = 2.0       # ... when they fit in this much memory
     amp: bool = False                   # bf16 autocast (CUDA or CPU)
     compile: bool = False               # torch.compile each layer (see docs/performance.md for when it pays)
+    channels_last: bool = False         # networks in channels_last memory format (docs/performance.md)
     # actual: every parameter of the built network. paper: weights only, FC maxout as 2 pieces (spec 2.8).
     counting: str = "actual"
     checkpoint: Optional[str] = None    # eval: the model to evaluate

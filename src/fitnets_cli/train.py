@@ -97,7 +97,11 @@ def autocast(s: Session):
 
 
 def maybe_compile(net, cfg: Config):
-    """With compile=true, torch.compile the network (every path through it: up to any tap, or all of it)."""
+    """With compile=true, torch.compile the network (every path through it: up to any tap, or all of it);
+    before that, with channels_last=true, put its weights in channels_last memory format, which convolutions
+    pass on to their outputs (and so to the regressors')."""
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
     if cfg.compile:
         net.compile()
     return net
