@@ -14,11 +14,12 @@ recipe (experiment=crd_cifar100). Each pair trains with its recipe's optimiser, 
 images/s, b/a and b/c, and peak memory.
 
   python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--amp on|off|both] [--compile]
-                          [--channels-last on|off|preset] [--only NAME] [--json bench.json]
+                          [--channels-last on|off|both|preset] [--only NAME] [--json bench.json]
 
 --amp, --compile and --channels-last set the CLI's `amp`, `compile` and `channels_last` options (the floor and
 conventional steps use the same networks, under the same autocast).
---amp both measures each stage in fp32 and in bf16 and prints the speed-up of our loop (b) under bf16.
+--amp both measures each stage in fp32 and in bf16 and prints the speed-up of our loop (b) under bf16;
+--channels-last both, in both memory layouts and the speed-up of channels_last.
 """
 
 import argparse
@@ -192,8 +193,8 @@ def main():
     parser.add_argument("--amp", choices=["on", "off", "both"], default="off",
                         help="bf16 autocast (the CLI's amp); both: each stage in fp32 and in bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer (the CLI's compile)")
-    parser.add_argument("--channels-last", choices=["on", "off", "preset"], default="preset",
-                        help="the CLI's channels_last; preset: as each pair's config sets it")
+    parser.add_argument("--channels-last", choices=["on", "off", "both", "preset"], default="preset",
+                        help="the CLI's channels_last; both: each stage in each layout; preset: as each pair's config")
     parser.add_argument("--only", help="run only the pairs whose name contains this")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tb", default="/tmp/fitnets-bench-tb", help="TensorBoard scratch directory")
@@ -202,6 +203,7 @@ def main():
     console = Console()
     results = []
     amps = {"off": [False], "on": [True], "both": [False, True]}[args.amp]
+    layouts = {"off": [False], "on": [True], "both": [False, True], "preset": [None]}[args.channels_last]
     for pair, (overrides, shape, train_size) in PAIRS.items():
         if args.only and args.only not in pair:
             continue
@@ -210,39 +212,46 @@ def main():
         full = torch.randn(train_size, *shape, device=device)
         held_out = torch.randn(2 * 10_000, *shape, device=device)
         for amp in amps:
-            options = [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"]
-            if args.channels_last != "preset":
-                options.append(f"channels_last={args.channels_last == 'on'}")
-            s, plans = setup(overrides + options, device, args.tb)
-            evaluate(s.student, held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device), 1000)
-            for stage in make_stages(["hint", "kd"], plans):
-                floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
-                results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
-                                "amp": "bf16" if amp else "fp32", "channels_last": s.cfg.channels_last, "floor_ips": floor, "ours_ips": ours,
-                                "conventional_ips": conventional, "b_over_a": ours / floor,
-                                "b_over_c": ours / conventional})
-                console.print(results[-1])
-            results[-1]["peak_memory_gib"] = results[-2]["peak_memory_gib"] = peak_memory_gib(device)
+            for layout in layouts:
+                options = [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"]
+                options += [] if layout is None else [f"channels_last={layout}"]
+                s, plans = setup(overrides + options, device, args.tb)
+                evaluate(s.student, held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device), 1000)
+                for stage in make_stages(["hint", "kd"], plans):
+                    floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
+                    results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
+                                    "amp": "bf16" if amp else "fp32", "channels_last": s.cfg.channels_last,
+                                    "floor_ips": floor, "ours_ips": ours, "conventional_ips": conventional,
+                                    "b_over_a": ours / floor, "b_over_c": ours / conventional})
+                    console.print(results[-1])
+                results[-1]["peak_memory_gib"] = results[-2]["peak_memory_gib"] = peak_memory_gib(device)
         del full, held_out
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     table = Table(title=f"training images/s on {name}, batch {args.batch}, compile {args.compile}")
-    for col in ("pair", "stage", "amp", "channels_last", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c", "peak GiB"):
+    for col in ("pair", "stage", "amp", "channels_last", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c",
+                "peak GiB"):
         table.add_column(col)
     for r in results:
-        table.add_row(r["pair"], r["stage"], r["amp"], str(r["channels_last"]), f"{r['floor_ips']:.0f}", f"{r['ours_ips']:.0f}",
-                      f"{r['conventional_ips']:.0f}", f"{r['b_over_a']:.2f}", f"{r['b_over_c']:.2f}",
-                      f"{r['peak_memory_gib']:.2f}")
+        table.add_row(r["pair"], r["stage"], r["amp"], str(r["channels_last"]), f"{r['floor_ips']:.0f}",
+                      f"{r['ours_ips']:.0f}", f"{r['conventional_ips']:.0f}", f"{r['b_over_a']:.2f}",
+                      f"{r['b_over_c']:.2f}", f"{r['peak_memory_gib']:.2f}")
     console.print(table)
-    fp32 = {(r["pair"], r["stage"]): r["ours_ips"] for r in results if r["amp"] == "fp32"}
-    speedups = [{"pair": r["pair"], "stage": r["stage"], "bf16_over_fp32": r["ours_ips"] / fp32[r["pair"], r["stage"]]}
-                for r in results if r["amp"] == "bf16" and (r["pair"], r["stage"]) in fp32]
-    for r in speedups:
-        console.print(f"{r['pair']}, stage {r['stage']}: our loop under bf16 runs {r['bf16_over_fp32']:.2f}x fp32")
+    # Our loop against itself with one setting changed, in the same run: bf16 over fp32, channels_last over not.
+    speedups = []
+    for setting, key, on, off in (("bf16_over_fp32", "amp", "bf16", "fp32"),
+                                  ("channels_last_over_contiguous", "channels_last", True, False)):
+        base = {(r["pair"], r["stage"], r["amp"], r["channels_last"]): r["ours_ips"] for r in results if r[key] == off}
+        for r in results:
+            other = {**r, key: off}
+            at = (other["pair"], other["stage"], other["amp"], other["channels_last"])
+            if r[key] == on and at in base:
+                speedups.append({"pair": r["pair"], "stage": r["stage"], setting: r["ours_ips"] / base[at]})
+                console.print(f"{r['pair']}, stage {r['stage']}: {setting} {speedups[-1][setting]:.2f}x (our loop)")
     if args.json:
         meta = {"device": name, "machine": platform.machine(), "torch": torch.__version__, "batch": args.batch,
                 "steps": args.steps, "amp": args.amp, "compile": args.compile, "channels_last": args.channels_last}
         with open(args.json, "w") as f:
-            json.dump({**meta, "results": results, "amp_speedups": speedups}, f, indent=2)
+            json.dump({**meta, "results": results, "speedups": speedups}, f, indent=2)
 
 
 if __name__ == "__main__":
