@@ -1,6 +1,8 @@
 """The CIFAR-100 distillation benchmark of CRD: the zoo networks, its recipe, the 13-pair preset and compare's
 benchmark layout, on tiny data."""
 
+import contextlib
+import io
 import json
 import re
 
@@ -182,3 +184,11 @@ def test_channels_last_puts_the_networks_in_that_layout_with_the_same_outputs(ma
     assert net.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert net.taps(x, ["layer2"])["layer2"].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(net(x), plain, rtol=1e-4, atol=1e-5)
+
+
+def test_layout_benchmark_without_runs_stops_in_one_line():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
+        main("compare", "layout=benchmark", "dataset=mnist", "speed.enabled=false")
+    assert stop.value.code == 2 and "layout=benchmark needs runs" in err.getvalue()
+    assert len(err.getvalue().strip().splitlines()) == 1
