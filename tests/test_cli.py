@@ -101,4 +101,4 @@ def test_the_wheel_ships_every_config_and_a_plain_install_runs_from_it(tmp_path)
                            "runpy.run_module('fitnets_cli', run_name='__main__')"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert str(target) in proc.stdout and "fitnet1,,,cifar10,,11,249576,30150024" in proc.stdout
+    assert str(target) in proc.stdout and "fitnet1,,,,cifar10,,11,249576,30150024" in proc.stdout   # no teacher, schedule, variant

@@ -18,9 +18,12 @@ def student_dataset(student):
 
 
 def test_the_groups_hold_the_issue_options():
-    assert options("dataset") == ["cifar10", "cifar100", "mnist", "mnist_subset", "svhn"]
+    assert options("dataset") == ["cifar10", "cifar100", "cifar100_crd", "mnist", "mnist_subset", "svhn"]
     assert options("schedule") == ["backprop", "crd_fitnet", "fitnets", "hint_joint", "kd"]
-    assert {"maxout", "torchvision", "module"} == set(options("teacher"))
+    zoo = {"resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_1",
+           "wrn_40_2", "vgg8", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"}
+    assert {"maxout", "torchvision", "module"} | zoo == set(options("teacher")) and zoo <= set(options("student"))
+    assert len(options("pair")) == 13
     assert {"torchvision", "module"} <= set(options("student"))
     assert {"fitnet1", "fitnet2", "fitnet3", "fitnet4", "fitnet_mnist", "depth5_30m", "depth11_107m"} <= set(options("student"))
     assert options("recipe") == options("dataset")
@@ -30,11 +33,11 @@ def test_the_groups_hold_the_issue_options():
 def test_every_dataset_composes_with_its_recipe_and_teacher(make_config, dataset):
     for command in ("train", "train_teacher", "compare"):
         cfg = make_config(command, [f"dataset={dataset}"])
-        assert cfg.dataset.name == dataset and cfg.teacher.name == "maxout"
+        assert cfg.dataset.name == dataset.removesuffix("_crd") and cfg.teacher.name == "maxout"
     cfg = make_config("train", [f"dataset={dataset}"])
-    family = {"cifar10": "cifar", "cifar100": "cifar", "svhn": "svhn"}.get(dataset, "mnist")
+    family = {"cifar10": "cifar", "cifar100": "cifar", "cifar100_crd": "cifar", "svhn": "svhn"}.get(dataset, "mnist")
     assert cfg.teacher.layers == cfg.teacher.variants[family].layers
-    assert cfg.recipe.student.lr == {"mnist": 0.0005, "mnist_subset": 0.002}.get(dataset, 0.005)
+    assert cfg.recipe.student.lr == {"mnist": 0.0005, "mnist_subset": 0.002, "cifar100_crd": 0.05}.get(dataset, 0.005)
 
 
 @pytest.mark.parametrize("student", [s for s in options("student") if s not in ("torchvision", "module")])

@@ -255,7 +255,7 @@ def files_of(*paths):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["student=fitnet99"], "Available options in 'student': depth11_107m"),
+    (["student=fitnet99"], "Available options in 'student': MobileNetV2"),
     (["recipe.student.lrr=1"], "Key 'lrr' not in 'Optim'"),
     (["recipe.student.batch_size=big"], "could not be converted to Integer"),
     (["recipe.student.max_epochs=0"], "max_epochs must be > 0"),
