@@ -168,3 +168,22 @@ def random_split(n: int, seed: int):
     """n random MNIST-shaped images and labels, drawn from `seed`."""
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class=(8, 4), sizes=((12, 12), (16, 16))) -> Path:
+    """Tiny RGB images in torchvision's ImageFolder layout, root/train/<class>/ and root/val/<class>/ with
+    `per_class` images each, alternately PNG at the first size and JPEG at the second; class c is brightest in
+    channel c, so that it can be learnt."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                w, h = sizes[i % 2]
+                pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+                pixels[..., c % 3] += 150
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 == 0 else 'jpg'}")
+    return root
