@@ -34,6 +34,7 @@ from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.config import to_config
+from fitnets_cli.data import Resident
 from fitnets_cli.dist import pick_device
 from fitnets_cli.evaluate import evaluate
 from fitnets_cli.hints import key, make_regressors, plan_hints
@@ -143,7 +144,7 @@ def bench_stage(s, stage, shape, steps, batch, device, full):
     floor = 2 * steps * batch / (time.perf_counter() - start)
 
     n = steps * batch
-    train = (full[:n], torch.randint(0, 10, (n,), device=device))
+    train = Resident(full[:n], torch.randint(0, 10, (n,), device=device))
     [result] = run_stages(s, [stage], train, None, epochs=[3])
     ours = n / statistics.median(h["epoch_s"] for h in result["history"][1:])   # epoch 1 warms up
 

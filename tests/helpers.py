@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli import cli
 from fitnets_cli.config import to_config
+from fitnets_cli.data import Resident
 from fitnets_cli.hints import make_regressors, plan_hints
 from fitnets_cli.models import build_net
 from fitnets_cli.train import Session
@@ -164,10 +165,10 @@ def mnist_session(make_config, tmp_path: Path, overrides=()):
     return s, plans
 
 
-def random_split(n: int, seed: int):
-    """n random MNIST-shaped images and labels, drawn from `seed`."""
+def random_split(n: int, seed: int) -> Resident:
+    """A split of n random MNIST-shaped images and labels, drawn from `seed`."""
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return Resident(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
 def write_image_folder(root: Path, classes: int = 3, per_class=(8, 4), sizes=((12, 12), (16, 16))) -> Path:
@@ -187,3 +188,18 @@ def write_image_folder(root: Path, classes: int = 3, per_class=(8, 4), sizes=((1
                 pixels[..., c % 3] += 150
                 Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 == 0 else 'jpg'}")
     return root
+
+
+class TinyNet(torch.nn.Module):
+    """A user's own small network, for student=module student._target_=helpers.TinyNet: two conv blocks and a
+    linear head, no batch norm (so that ranks and one process train alike)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8, channels: int = 3):
+        super().__init__()
+        nn = torch.nn
+        self.block1 = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(x)))

@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.checkpoint import FORMAT
 from fitnets_cli.config import KD, Config, Dataset, HintPair, Hints, Network, Optim, Recipe, Schedule
+from fitnets_cli.data import Resident
 from fitnets_cli.hints import default_tap, make_regressors, plan_hints
 from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.networks import build_network
@@ -175,7 +176,7 @@ def test_stage_one_changes_only_what_the_guided_tap_depends_on(tmp_path):
     before = {k: v.clone() for k, v in s.student.state_dict().items()}
     teacher = {k: v.clone() for k, v in s.teacher.state_dict().items()}
     g = torch.Generator().manual_seed(0)
-    data = (torch.rand(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
+    data = Resident(torch.rand(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
     run_stages(s, make_stages(["hint"], plans), data, None, epochs=[1])
     changed = {k for k, v in s.student.state_dict().items() if not torch.equal(v, before[k])}
     upto = ("model.conv1.", "model.bn1.", "model.layer1.", "model.layer2.")

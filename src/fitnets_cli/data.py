@@ -105,10 +105,6 @@ def _load_files(dataset, data, device, augment: Augment) -> Splits:
                       "serve as validation and test")
     n = sum(len(s) for s in {id(s): s for s in (train, valid, test) if s is not None}.values())
     gib = images.decoded_gib(dataset, n)
-    if data.resident == "true" and augment.resized_crop:
-        raise ConfigError("random-resized crops are cut from the image files by the loader workers, and "
-                          "data.resident=true holds decoded images; set data.resident=auto or false, or "
-                          "dataset.augment.resized_crop=false")
     if data.resident == "true" or (data.resident == "auto" and not augment.resized_crop and gib <= data.resident_gb):
         console.print(f"decoding {n} images onto the device ({gib:.2f} GiB; data.resident={data.resident})")
         held = {id(s): Resident(s.decode_all(), s.labels.to(device)) for s in (train, valid, test) if s is not None}

@@ -102,6 +102,11 @@ def resolve(cfg: Config) -> Config:
     if ds.in_shape is not None and tuple(ds.in_shape) != tuple(found.shape):
         raise ConfigError(f"dataset.in_shape={list(ds.in_shape)} but the images give {list(found.shape)}; set "
                           "dataset.images.size and dataset.images.channels instead, and leave in_shape unset")
+    optims = [o for o in (cfg.recipe.student, cfg.recipe.teacher) if o] if cfg.recipe else []
+    if cfg.data.resident == "true" and any((o.augment or ds.augment).resized_crop for o in optims):
+        raise ConfigError("random-resized crops are cut from the image files by the loader workers, and "
+                          "data.resident=true holds decoded images; set data.resident=auto or false, or "
+                          "dataset.augment.resized_crop=false")
     if ds.images.mean and len(ds.images.mean) != found.shape[0]:
         raise ConfigError(f"dataset.images.mean and std have {len(ds.images.mean)} values for "
                           f"{found.shape[0]}-channel images; give one per channel")
@@ -341,12 +346,13 @@ class Streamed:
     """A split of image files read by loader workers (decoded and cropped there), then moved to the device and
     normalised there. Under torchrun each rank reads its own share of every batch."""
 
-    def __init__(self, files: Files, device, data: Data, mean, std):
+    def __init__(self, files: Files, device, data: Data, mean, std, skipped: set | None = None):
         self.files, self.device, self.data = files, torch.device(device), data
+        self.mean_std = mean, std
         c = files.shape[0]
         self.mean = torch.tensor(mean or [0.0] * c, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(std or [1.0] * c, device=self.device).view(1, c, 1, 1)
-        self.skipped = set()
+        self.skipped = set() if skipped is None else skipped   # images that failed to decode (bad_images=skip)
         self.plan = Plan()
         workers = data.workers
         # A generator of its own: a loader's iterator draws its base seed from it, never from the run's RNG.
@@ -363,14 +369,15 @@ class Streamed:
         return torch.tensor(self.files.labels, dtype=torch.long)
 
     def __add__(self, other: "Streamed") -> "Streamed":
-        f = self.files
-        both = Files(f.reader, f.items + other.files.items, f.labels + other.files.labels, f.shape, f.images)
-        return Streamed(both, self.device, self.data, self.mean.flatten().tolist(), self.std.flatten().tolist())
+        return self._with(self.files.items + other.files.items, self.files.labels + other.files.labels)
 
     def subset(self, index) -> "Streamed":
+        return self._with([self.files.items[i] for i in index], [self.files.labels[i] for i in index])
+
+    def _with(self, items, labels) -> "Streamed":
         f = self.files
-        part = Files(f.reader, [f.items[i] for i in index], [f.labels[i] for i in index], f.shape, f.images)
-        return Streamed(part, self.device, self.data, self.mean.flatten().tolist(), self.std.flatten().tolist())
+        return Streamed(Files(f.reader, items, labels, f.shape, f.images), self.device, self.data, *self.mean_std,
+                        self.skipped)
 
     def batches(self, batch_size: int, order=None, start: int = 0, stop=None, crop_seed=None, train: bool = False):
         """(x, y, idx, global batch size) of this rank's share of each batch of `order` (default: in order) from

@@ -620,6 +620,11 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
         "device": str(s.device), "provenance": made_by,
         "wall_s": round(time.time() - started, 1), **result,
     }
+    skipped = sorted(set().union(*(getattr(split, "skipped", ()) for split in (data.train, data.valid, data.test))))
+    if skipped:   # data.bad_images=skip
+        metrics["skipped_images"] = skipped
+        console.print(f"{len(skipped)} image(s) failed to decode and were left out (data.bad_images=skip): "
+                      f"{', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}")
     for path in [run_dir / "checkpoints" / f"{role}.pt"] + ([store] if store else []):
         save_model(path, net, role=role, name=name, dataset=cfg.dataset,
                    config=(run_dir / "config_resolved.yaml").read_text(), metrics=test, provenance=made_by)
