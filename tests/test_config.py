@@ -58,6 +58,19 @@ def test_the_imagenet_recipe_is_torchvisions_reference_and_its_lr_scales_with_th
     assert lrs == pytest.approx([0.2, 0.2, 0.02, 0.02, 0.002, 0.002])   # 0.1 per 256 images, x0.1 every 30
 
 
+def test_the_imagenet_preset_pairs_resnet34_and_resnet18_at_layer3(make_config, tmp_path):
+    cfg = make_config("train", ["experiment=imagenet_r34_r18", f"teacher.weights={tmp_path / 'r34.pth'}",
+                                "schedule=fitnets"])
+    assert (cfg.dataset.name, cfg.teacher.arch, cfg.student.arch, cfg.recipe.student.max_epochs) == \
+        ("imagenet", "resnet34", "resnet18", 90)
+    assert [(p.hint, p.guided) for p in cfg.hints.pairs] == [("layer3", "layer3")]
+    shape = [3, 224, 224]
+    teacher = build_network(replace(cfg.teacher, weights=None), shape, 1000)
+    student = build_network(cfg.student, shape, 1000)
+    [plan] = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
+    assert plan.hint_shape == plan.guided_shape == (256, 14, 14) and plan.make is None   # equal: no regressor
+
+
 @pytest.mark.parametrize("dataset", FILES)
 def test_image_file_datasets_compose_with_their_recipe(make_config, dataset):
     extra = ["dataset.images.cls=FashionMNIST"] if dataset == "torchvision" else []
