@@ -11,7 +11,19 @@ Each is warmed up for `steps` steps and timed over the next 2 x `steps`.
 for stage 1 (hints) and stage 2 (KD) of FitNet-4 with the maxout teacher at CIFAR-10 shape, and of the
 MNIST FitNet with the MNIST maxout teacher. Prints images/s, b/a and b/c, and peak memory.
 
+The streaming case (`--only streaming`) trains a torchvision ResNet-18 by backprop on a folder of JPEGs
+(random-resized crops of 32x32 and flips, batch 64) through
+
+  (d) ours         fitnets' streaming path (loader workers decode and crop into uint8 tensors, flips on the
+                   device) feeding the same train.run_stages
+  (e) conventional torchvision's ImageFolder with RandomResizedCrop, RandomHorizontalFlip and ToTensor in a
+                   DataLoader, the same model step in a plain loop
+
+with --workers loader workers each, timed over the second of two epochs; prints images/s and the share of
+that time spent waiting for data.
+
   python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--amp on|off|both] [--compile] [--json bench.json]
+  python scripts/bench.py --only streaming [--images 4000] [--workers 2]
 
 --amp and --compile set the CLI's `amp` and `compile` options; the floor step runs under the same autocast.
 --amp both measures each stage in fp32 and in bf16 and prints the speed-up of our loop (b) under bf16.
@@ -22,10 +34,13 @@ import json
 import platform
 import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 import torchvision.transforms as T
 from PIL import Image
 from hydra import compose, initialize_config_module
@@ -34,13 +49,14 @@ from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.config import to_config
-from fitnets_cli.data import Resident
+from fitnets_cli.data import Resident, load_data
 from fitnets_cli.dist import pick_device
 from fitnets_cli.evaluate import evaluate
 from fitnets_cli.hints import key, make_regressors, plan_hints
+from fitnets_cli.images import resolve
 from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.networks import build_network
-from fitnets_cli.train import Session, autocast, make_stages, maybe_compile, run_stages, trained_modules
+from fitnets_cli.train import Session, Stage, autocast, make_stages, maybe_compile, run_stages, trained_modules
 
 PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
@@ -165,6 +181,66 @@ def bench_stage(s, stage, shape, steps, batch, device, full):
     return floor, ours, conventional
 
 
+def write_jpegs(root: Path, n: int, classes: int = 10) -> Path:
+    """n JPEGs of 72 to 120 pixels a side in root/train/<class>/, as a camera folder would hold them."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / "train" / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = rng.integers(72, 121, 2)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def bench_streaming(device, n: int, batch: int, workers: int, tb_dir: str) -> dict:
+    """images/s and data-wait share of (d) our streaming path and (e) a plain ImageFolder + DataLoader loop, on
+    the second of two epochs over n JPEGs, training the same ResNet-18 with the same SGD step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_jpegs(Path(tmp), n)
+        with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
+            cfg = to_config(compose("train", overrides=[
+                "dataset=imagefolder", f"data.root={root}", "dataset.valid_size=10", "dataset.images.size=32",
+                "dataset.images.channels=3", f"data.workers={workers}", "student=torchvision",
+                "student.arch=resnet18", "schedule=backprop", f"recipe.student.batch_size={batch}",
+                "recipe.student.lr_batch=0", "recipe.student.lr=0.01", f"device={device.type}"]))
+        cfg = resolve(cfg)
+        train = load_data(cfg.dataset, cfg.data, device).train
+        torch.manual_seed(0)
+        net = build_network(cfg.student, cfg.dataset.in_shape, cfg.dataset.num_classes).to(device)
+        s = Session(net, None, torch.nn.ModuleDict(), cfg, cfg.recipe.student, device, SummaryWriter(tb_dir))
+        [result] = run_stages(s, [Stage("ce")], train, None, epochs=[2])
+        ours = result["history"][1]
+
+        torch.manual_seed(0)
+        net = build_network(cfg.student, cfg.dataset.in_shape, cfg.dataset.num_classes).to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        transform = T.Compose([T.RandomResizedCrop(32), T.RandomHorizontalFlip(), T.ToTensor()])
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(torchvision.datasets.ImageFolder(root / "train", transform), range(len(train))),
+            batch_size=batch, shuffle=True,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        for epoch in range(2):
+            waited, images, started = 0.0, 0, time.perf_counter()
+            batches = iter(loader)
+            while True:
+                t = time.perf_counter()
+                xy = next(batches, None)
+                waited += time.perf_counter() - t
+                if xy is None:
+                    break
+                x, y = xy[0].to(device, non_blocking=True), xy[1].to(device, non_blocking=True)
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss.item()
+                images += len(y)
+            spent = time.perf_counter() - started
+    return {"pair": f"ResNet-18, {n} JPEGs, crops 32, {workers} workers", "stage": "streaming (backprop)",
+            "ours_ips": ours["images_s"], "ours_data_wait": ours["data_wait"], "conventional_ips": images / spent,
+            "conventional_data_wait": waited / spent, "d_over_e": ours["images_s"] / (images / spent)}
+
+
 def peak_memory_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -179,7 +255,9 @@ def main():
     parser.add_argument("--amp", choices=["on", "off", "both"], default="off",
                         help="bf16 autocast (the CLI's amp); both: each stage in fp32 and in bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer (the CLI's compile)")
-    parser.add_argument("--only", help="run only the pairs whose name contains this")
+    parser.add_argument("--only", help="run only the pairs whose name contains this (streaming: that case only)")
+    parser.add_argument("--images", type=int, default=4000, help="streaming: JPEGs in the folder")
+    parser.add_argument("--workers", type=int, default=2, help="streaming: loader workers")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tb", default="/tmp/fitnets-bench-tb", help="TensorBoard scratch directory")
     args = parser.parse_args()
@@ -197,7 +275,7 @@ def main():
         for amp in amps:
             s, plans = setup(overrides + [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"],
                              device, args.tb)
-            evaluate(s.student, held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device), 1000)
+            evaluate(s.student, Resident(held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device)), 1000)
             for stage in make_stages(["hint", "kd"], plans):
                 floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
                 results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
@@ -208,6 +286,16 @@ def main():
             results[-1]["peak_memory_gib"] = results[-2]["peak_memory_gib"] = peak_memory_gib(device)
         del full, held_out
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    streaming = []
+    if not args.only or args.only == "streaming":
+        streaming.append(bench_streaming(device, args.images, 64, args.workers, args.tb))
+        table = Table(title=f"streaming training images/s on {name}, batch 64")
+        for col in ("case", "(d) ours", "data wait", "(e) conventional", "data wait", "d/e"):
+            table.add_column(col)
+        for r in streaming:
+            table.add_row(r["pair"], f"{r['ours_ips']:.0f}", f"{r['ours_data_wait']:.0%}",
+                          f"{r['conventional_ips']:.0f}", f"{r['conventional_data_wait']:.0%}", f"{r['d_over_e']:.2f}")
+        console.print(table)
     table = Table(title=f"training images/s on {name}, batch {args.batch}, compile {args.compile}")
     for col in ("pair", "stage", "amp", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c", "peak GiB"):
         table.add_column(col)
@@ -215,7 +303,8 @@ def main():
         table.add_row(r["pair"], r["stage"], r["amp"], f"{r['floor_ips']:.0f}", f"{r['ours_ips']:.0f}",
                       f"{r['conventional_ips']:.0f}", f"{r['b_over_a']:.2f}", f"{r['b_over_c']:.2f}",
                       f"{r['peak_memory_gib']:.2f}")
-    console.print(table)
+    if results:
+        console.print(table)
     fp32 = {(r["pair"], r["stage"]): r["ours_ips"] for r in results if r["amp"] == "fp32"}
     speedups = [{"pair": r["pair"], "stage": r["stage"], "bf16_over_fp32": r["ours_ips"] / fp32[r["pair"], r["stage"]]}
                 for r in results if r["amp"] == "bf16" and (r["pair"], r["stage"]) in fp32]
@@ -225,7 +314,7 @@ def main():
         meta = {"device": name, "machine": platform.machine(), "torch": torch.__version__, "batch": args.batch,
                 "steps": args.steps, "amp": args.amp, "compile": args.compile}
         with open(args.json, "w") as f:
-            json.dump({**meta, "results": results, "amp_speedups": speedups}, f, indent=2)
+            json.dump({**meta, "results": results, "amp_speedups": speedups, "streaming": streaming}, f, indent=2)
 
 
 if __name__ == "__main__":

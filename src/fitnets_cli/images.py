@@ -320,13 +320,12 @@ class Files(torch.utils.data.Dataset):
         x = torch.from_numpy(x.copy())
         return (x[None] if x.dim() == 2 else x.permute(2, 0, 1)), self.labels[i], i, None
 
-
-def collate(samples):
-    """A batch (uint8 images, labels, indices, [(item, reason) of the images that failed to decode])."""
-    good = [s for s in samples if s[3] is None]
-    x = torch.stack([s[0] for s in good]) if good else torch.empty(0, dtype=torch.uint8)
-    return (x, torch.tensor([s[1] for s in good], dtype=torch.long), torch.tensor([s[2] for s in good], dtype=torch.long),
-            [s[3] for s in samples if s[3] is not None])
+    def collate(self, samples):
+        """A batch (uint8 images, labels, indices, [(item, reason) of the images that failed to decode])."""
+        good = [s for s in samples if s[3] is None]
+        x = torch.stack([s[0] for s in good]) if good else torch.empty((0, *self.shape), dtype=torch.uint8)
+        return (x, torch.tensor([s[1] for s in good], dtype=torch.long),
+                torch.tensor([s[2] for s in good], dtype=torch.long), [s[3] for s in samples if s[3] is not None])
 
 
 class Plan(torch.utils.data.Sampler):
@@ -357,7 +356,7 @@ class Streamed:
         workers = data.workers
         # A generator of its own: a loader's iterator draws its base seed from it, never from the run's RNG.
         self.loader = torch.utils.data.DataLoader(
-            files, batch_sampler=self.plan, num_workers=workers, collate_fn=collate,
+            files, batch_sampler=self.plan, num_workers=workers, collate_fn=files.collate,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=data.prefetch if workers else None, generator=torch.Generator())
 
