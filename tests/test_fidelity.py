@@ -53,9 +53,9 @@ def test_valid_split_last_holds_out_the_last_training_images(make_config, tiny_m
     cfg = make_config("train", overrides)
     data = load_data(cfg.dataset, cfg.data, torch.device("cpu"))
     raw = torchvision.datasets.MNIST(tiny_mnist, train=True)
-    assert torch.equal(data.valid[1], raw.targets[-50:])
-    assert torch.equal(data.valid[0], raw.data[-50:].unsqueeze(1).float() / 255)
-    assert torch.equal(data.train[1], raw.targets[:-50])
+    assert torch.equal(data.valid.y, raw.targets[-50:])
+    assert torch.equal(data.valid.x, raw.data[-50:].unsqueeze(1).float() / 255)
+    assert torch.equal(data.train.y, raw.targets[:-50])
 
 
 def test_student_dropout_is_applied(tiny, tmp_path):

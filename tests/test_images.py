@@ -3,6 +3,7 @@ streaming path (loader workers) beside the resident one, resume, ranks, and bad 
 
 import json
 import math
+import random
 import shutil
 import signal
 from dataclasses import replace
@@ -14,8 +15,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from fitnets_cli.data import Resident, load_data
-from fitnets_cli.images import Streamed, resolve
+from fitnets_cli.data import Resident, held_out, load_data
+from fitnets_cli.images import Streamed, crop_box, resolve
 from helpers import main, make_config, signal_when, start, write_image_folder, write_tiny_mnist
 from test_reliability import failure
 from test_scale import TORCHRUN, numbers
@@ -235,3 +236,20 @@ def test_resident_true_with_resized_crops_is_refused(folder, tmp_path):
     line = failure("train", "dataset=imagefolder", f"data.root={folder[0]}", *STUDENT, *SHORT, "schedule=backprop",
                    "data.resident=true", f"hydra.run.dir={tmp_path / 'run'}")
     assert "data.resident=true holds decoded images" in line
+
+
+def test_a_fraction_holds_out_the_same_share_of_every_class():
+    labels = torch.tensor([0] * 30 + [1] * 10)[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
+    keep, held = held_out(labels, 0.1, 2, seed=0)
+    assert torch.bincount(labels[held]).tolist() == [3, 1] and len(keep) == 36
+    assert torch.equal(held, held_out(labels, 0.1, 2, seed=0)[1]) and not torch.equal(held, held_out(labels, 0.1, 2, 1)[1])
+
+
+def test_random_resized_crops_are_drawn_like_torchvisions_from_the_seed_alone():
+    boxes = [crop_box(random.Random(seed), 40, 30, (0.08, 1.0), (3 / 4, 4 / 3)) for seed in range(2000)]
+    assert all(0 <= x and 0 <= y and x + w <= 40 and y + h <= 30 for x, y, w, h in boxes)
+    areas = [w * h / 1200 for _, _, w, h in boxes]
+    assert min(areas) < 0.12 and max(areas) > 0.9 and len(set(boxes)) > 1000
+    assert crop_box(random.Random(7), 40, 30, (0.08, 1.0), (3 / 4, 4 / 3)) == boxes[7]
+    # a range no crop can meet falls back to the centre, its aspect clamped, as torchvision's does
+    assert crop_box(random.Random(0), 100, 10, (0.99, 1.0), (1.0, 1.0)) == (45, 0, 10, 10)
