@@ -195,6 +195,7 @@ def emptied(folder):
 CASES = {   # damage, the file or folder the error names, what it says
     "empty folder": (emptied, "{r}", "has no train/ folder"),
     "no class folders": (lambda r: emptied(r / "train"), "{r}/train", "holds no class folders"),
+    "empty val folder": (lambda r: emptied(r / "val"), "{r}/val", "holds no class folders"),
     "empty class folder": (lambda r: (r / "train" / "class3").mkdir(), "{r}/train/class3",
                            "is a class folder with no images"),
     "not an image": (lambda r: (r / "train" / "class0" / "notes.txt").write_text("x"),

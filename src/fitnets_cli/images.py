@@ -130,6 +130,9 @@ def _folders(root: Path, images) -> Listing:
     for name in ("val", "test"):
         if (root / name).is_dir():
             held = _class_folders(root / name)
+            if not held:
+                raise ConfigError(f"{root / name} holds no class folders; put its images in {root / name}/<class>/ "
+                                  "or remove it")
             foreign = [c for c in held if c not in classes]
             if foreign:
                 raise ConfigError(f"{root / name / foreign[0]}: class {foreign[0]!r} has no folder in {train}; "
