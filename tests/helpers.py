@@ -84,6 +84,12 @@ def signal_when(proc: subprocess.Popen, last: Path, condition, sig, timeout: flo
         time.sleep(0.005)
 
 
+def without_timing(history: list[dict]) -> list[dict]:
+    """Epoch records less their timings (seconds, images/s, data-wait share), which differ between otherwise
+    identical runs."""
+    return [{k: v for k, v in h.items() if k not in ("epoch_s", "images_s", "data_wait")} for h in history]
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write an array in MNIST's IDX format (big-endian dims after a magic of dtype 0x08 and ndim)."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)

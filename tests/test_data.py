@@ -15,7 +15,7 @@ def dataset_cfg(make_config, name, **overrides):
 
 def test_mnist_loads_from_official_idx_files(make_config, tiny_mnist):
     splits = load_data(dataset_cfg(make_config, "mnist", valid_size=50), Data(root=str(tiny_mnist)), "cpu")
-    x, y = splits.train.x, splits.train.y
+    x = splits.train.x
     assert x.shape == (150, 1, 28, 28) and x.dtype == torch.float32
     assert len(splits.valid.x) == 50 and torch.bincount(splits.valid.y).tolist() == [5] * 10
     # The test split keeps the file's order: its images are the file's bytes scaled to [0, 1].

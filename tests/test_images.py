@@ -17,7 +17,7 @@ from PIL import Image
 
 from fitnets_cli.data import Resident, held_out, load_data
 from fitnets_cli.images import Streamed, crop_box, resolve
-from helpers import main, make_config, signal_when, start, write_image_folder, write_tiny_mnist
+from helpers import main, make_config, signal_when, start, without_timing, write_image_folder, write_tiny_mnist
 from test_reliability import failure
 from test_scale import TORCHRUN, numbers
 
@@ -152,8 +152,7 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_on_the_same_images(folder, tmp
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["at"]["batch"] > 0 and state["at"]["seed"] != 0          # inside an epoch, crops seeded
     main("train", f"resume={run}")
-    timing = ("epoch_s", "images_s", "data_wait")
-    history = lambda m: [{k: v for k, v in h.items() if k not in timing} for s in m["stages"] for h in s["history"]]
+    history = lambda m: without_timing([h for s in m["stages"] for h in s["history"]])
     assert history(metrics(reference)) == history(metrics(run)) and metrics(reference)["test"] == metrics(run)["test"]
     weights = lambda r: torch.load(r / "checkpoints" / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(v, weights(run)[k]) for k, v in weights(reference).items())

@@ -20,7 +20,7 @@ from fitnets_cli import checkpoint
 from fitnets_cli.checkpoint import DiskFull, atomic_write, write_json
 from fitnets_cli.compare import load_student
 from fitnets_cli.models import build_net
-from helpers import fitnets, main, signal_when, start
+from helpers import fitnets, main, signal_when, start, without_timing
 
 # Five epochs a stage leave room to stop a run in stage 1, at the boundary and in stage 2.
 RUN = ["student=fitnet_mnist", "schedule=fitnets", "recipe.student.max_epochs=5", "recipe.student.batch_size=8",
@@ -45,8 +45,7 @@ def setup(teacher, tmp_path_factory) -> Setup:
 def outcome(run):
     metrics = json.loads((run / "metrics.json").read_text())
     for part in metrics["stages"] + metrics.get("retrain", []):
-        for h in part["history"]:
-            h.pop("epoch_s")
+        part["history"] = without_timing(part["history"])
     state = torch.load(run / "checkpoints" / "student.pt", weights_only=True)["state_dict"]
     return {k: metrics[k] for k in ("stages", "test", "test_last")}, state
 
