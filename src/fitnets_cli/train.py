@@ -301,6 +301,8 @@ def train_epoch(s: Session, stage: Stage, opt, modules, train, cache, at: Epoch,
             at.batch = b + 1
             s.checkpoint(position(opt, at, reduce=True))
             raise Interrupted(f"stage {stage_name(s, stage)}, epoch {at.epoch}, batch {b + 1}")
+    if s.device.type == "cuda":   # the steps run asynchronously: time them to their end
+        torch.cuda.synchronize(s.device)
     spent = time.perf_counter() - started
     return {"lr": lr, **({"lam": lam} if stage.kind == "kd" else {}), "images_s": images / spent,
             "data_wait": waited[0] / spent}
