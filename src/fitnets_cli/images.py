@@ -17,6 +17,7 @@ import difflib
 import inspect
 import math
 import random
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -331,6 +332,13 @@ class Files(torch.utils.data.Dataset):
                 torch.tensor([s[2] for s in good], dtype=torch.long), [s[3] for s in samples if s[3] is not None])
 
 
+def ignore_interrupts(worker: int) -> None:
+    """A loader worker leaves SIGINT (a Ctrl-C reaches the whole process group) to the main process, which stops
+    after the current step with a checkpoint, then ends the workers. (SIGTERM still ends a worker: the main
+    process's own exit terminates its workers with it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Plan(torch.utils.data.Sampler):
     """The loader's batches of keys, set before each pass: persistent workers serve one plan after another."""
 
@@ -361,7 +369,8 @@ class Streamed:
         self.loader = torch.utils.data.DataLoader(
             files, batch_sampler=self.plan, num_workers=workers, collate_fn=files.collate,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=data.prefetch if workers else None, generator=torch.Generator())
+            prefetch_factor=data.prefetch if workers else None, generator=torch.Generator(),
+            worker_init_fn=ignore_interrupts)
 
     def __len__(self):
         return len(self.files)
