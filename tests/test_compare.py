@@ -7,6 +7,7 @@ import itertools
 import json
 import statistics
 import struct
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -154,15 +155,18 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
     params = OmegaConf.select(preset, "hydra.sweeper.params") or {}
     grid = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
     jobs = list(itertools.product(*grid))
-    expected = {"depth_study": 24, "cifar10_table5": 4, "mnist_table4": 3, "mnist_table4_cpu": 9, "svhn": 2}
+    expected = {"depth_study": 24, "cifar10_table5": 4, "mnist_table4": 3, "mnist_table4_cpu": 9, "svhn": 2,
+                "imagenet_r34_r18": 4}
     assert len(jobs) == expected.get(experiment, 1)
+    # The ImageNet preset's teacher comes trained, from a file; its shape comes from the image files.
+    given = ["teacher.weights=resnet34.pth"] if experiment == "imagenet_r34_r18" else []
     for job in jobs:
-        cfg = make_config("train", [f"experiment={experiment}", *job])
-        assert cfg.teacher.auto_train
+        cfg = make_config("train", [f"experiment={experiment}", *given, *job])
+        assert cfg.teacher.auto_train != bool(given)
         if {"hint", "joint"} & set(cfg.schedule.stages):
-            shape = cfg.dataset.in_shape
-            plan_hints(build_network(cfg.teacher, shape, 10), build_network(cfg.student, shape, 10),
-                       cfg.hints.pairs, cfg.hints)
+            shape = cfg.dataset.in_shape or [cfg.dataset.images.channels] + [cfg.dataset.images.size] * 2
+            plan_hints(build_network(replace(cfg.teacher, weights=None), shape, 10),
+                       build_network(cfg.student, shape, 10), cfg.hints.pairs, cfg.hints)
 
 
 PRESET_JOBS = {  # dataset; (student, schedule) of every job; whether the preset retrains on train + valid
