@@ -32,31 +32,50 @@ def make_config(config_name: str = "train", overrides=()):
         return to_config(compose(config_name, overrides=list(overrides)))
 
 
-# The entry point with torchvision's MD5 check of CIFAR and SVHN files switched off, so that tiny files (whose
-# sums cannot match the real ones) reach its readers.
-WITHOUT_MD5 = ("-c", "import runpy, sys, torchvision.datasets.cifar as c, torchvision.datasets.svhn as s; "
-               "c.check_integrity = s.check_integrity = lambda *args: True; sys.argv[0] = 'fitnets'; "
-               "runpy.run_module('fitnets_cli', run_name='__main__')")
-
-
-def fitnets(*args, cwd=None, check=True, md5=True):
-    """Run the real `fitnets` entry point in a subprocess (md5=False: see WITHOUT_MD5)."""
-    command = ["-m", "fitnets_cli"] if md5 else list(WITHOUT_MD5)
-    proc = subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
+def fitnets(*args, cwd=None, check=True):
+    """Run the real `fitnets` entry point in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "fitnets_cli", *map(str, args)], cwd=cwd,
                           env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"fitnets {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def main(*args) -> str:
-    """Run the entry point's main() in this process as `fitnets *args`, and return what it printed; for
-    commands run many times, where a subprocess would spend seconds starting up."""
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+def call(*args, check=True, md5=True) -> subprocess.CompletedProcess:
+    """Run `fitnets *args` through the entry point's main() in this process; return its exit code, stdout and
+    stderr as a subprocess would. A subprocess spends seconds importing torch: only tests that need a real
+    process (signals, torchrun, the installed entry point) use `fitnets`. md5=False switches torchvision's MD5
+    check of CIFAR and SVHN files off, so that tiny files, whose sums cannot match the real ones, are read."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         patch.setattr(sys, "argv", ["fitnets", *map(str, args)])
-        cli.main()
-    return out.getvalue()
+        if not md5:
+            import torchvision.datasets.cifar
+            import torchvision.datasets.svhn
+            patch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+            patch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args: True)
+        try:
+            cli.main()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"fitnets {' '.join(map(str, args))} exited with {code}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def main(*args) -> str:
+    """Run `fitnets *args` in this process (see `call`), which must succeed, and return what it printed."""
+    return call(*args).stdout
+
+
+def failure(*args, md5=True) -> str:
+    """Run `fitnets *args` in this process (see `call`), which must exit with code 2 after one line on stderr
+    and no traceback, and return that line."""
+    proc = call(*args, check=False, md5=md5)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    return lines[0]
 
 
 def start(*args, cwd=None, command=("-m", "fitnets_cli")) -> subprocess.Popen:

@@ -17,8 +17,8 @@ from PIL import Image
 
 from fitnets_cli.data import Resident, held_out, load_data
 from fitnets_cli.images import Streamed, crop_box, resolve
-from helpers import main, make_config, signal_when, start, without_timing, write_image_folder, write_tiny_mnist
-from test_reliability import failure
+from helpers import (failure, main, make_config, signal_when, start, without_timing, write_image_folder,
+                     write_tiny_mnist)
 from test_scale import TORCHRUN, numbers
 
 STUDENT = ["student=module", "student._target_=helpers.TinyNet"]
