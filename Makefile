@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	FITNETS=$(BIN)/fitnets sh scripts/demo.sh
+	FITNETS=$(BIN)/fitnets PYTHON=$(BIN)/python sh scripts/demo.sh
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py --json bench.json

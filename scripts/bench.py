@@ -13,8 +13,20 @@ FitNet with the MNIST maxout teacher, and of resnet8x4 with resnet32x4 on the CR
 recipe (experiment=crd_cifar100). Each pair trains with its recipe's optimiser, in all three loops. Prints
 images/s, b/a and b/c, and peak memory.
 
+The streaming case (`--only streaming`) trains a torchvision ResNet-18 by backprop on a folder of JPEGs
+(random-resized crops of 32x32 and flips, batch 64) through
+
+  (d) ours         fitnets' streaming path (loader workers decode and crop into uint8 tensors, flips on the
+                   device) feeding the same train.run_stages
+  (e) conventional torchvision's ImageFolder with RandomResizedCrop, RandomHorizontalFlip and ToTensor in a
+                   DataLoader, the same model step in a plain loop
+
+with --workers loader workers each, timed over the second of two epochs; prints images/s and the share of
+that time spent waiting for data.
+
   python scripts/bench.py [--steps 4] [--batch 128] [--device cpu] [--amp on|off|both] [--compile]
                           [--channels-last on|off|both|preset] [--only NAME] [--json bench.json]
+  python scripts/bench.py --only streaming [--images 4000] [--workers 2]
 
 --amp, --compile and --channels-last set the CLI's `amp`, `compile` and `channels_last` options (the floor and
 conventional steps use the same networks, under the same autocast).
@@ -27,10 +39,13 @@ import json
 import platform
 import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 import torchvision.transforms as T
 from PIL import Image
 from hydra import compose, initialize_config_module
@@ -39,13 +54,15 @@ from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.config import to_config
+from fitnets_cli.data import Resident, load_data
 from fitnets_cli.dist import pick_device
 from fitnets_cli.evaluate import evaluate
 from fitnets_cli.hints import make_regressors, plan_hints
+from fitnets_cli.images import resolve
 from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.networks import build_network
-from fitnets_cli.train import (Session, autocast, make_optimizer, make_stages, maybe_compile, regress, run_stages,
-                               trained_modules)
+from fitnets_cli.train import (Session, Stage, autocast, make_optimizer, make_stages, maybe_compile, regress,
+                               run_stages, trained_modules)
 
 PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
@@ -158,7 +175,7 @@ def bench_stage(s, stage, shape, steps, batch, device, full):
     floor = 2 * steps * batch / (time.perf_counter() - start)
 
     n = steps * batch
-    train = (full[:n], torch.randint(0, 10, (n,), device=device))
+    train = Resident(full[:n], torch.randint(0, 10, (n,), device=device))
     [result] = run_stages(s, [stage], train, None, epochs=[3])
     ours = n / statistics.median(h["epoch_s"] for h in result["history"][1:])   # epoch 1 warms up
 
@@ -179,6 +196,66 @@ def bench_stage(s, stage, shape, steps, batch, device, full):
     return floor, ours, conventional
 
 
+def write_jpegs(root: Path, n: int, classes: int = 10) -> Path:
+    """n JPEGs of 72 to 120 pixels a side in root/train/<class>/, as a camera folder would hold them."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / "train" / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w = rng.integers(72, 121, 2)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def bench_streaming(device, n: int, batch: int, workers: int, tb_dir: str) -> dict:
+    """images/s and data-wait share of (d) our streaming path and (e) a plain ImageFolder + DataLoader loop, on
+    the second of two epochs over n JPEGs, training the same ResNet-18 with the same SGD step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_jpegs(Path(tmp), n)
+        with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
+            cfg = to_config(compose("train", overrides=[
+                "dataset=imagefolder", f"data.root={root}", "dataset.valid_size=10", "dataset.images.size=32",
+                "dataset.images.channels=3", f"data.workers={workers}", "student=torchvision",
+                "student.arch=resnet18", "schedule=backprop", f"recipe.student.batch_size={batch}",
+                "recipe.student.lr_batch=0", "recipe.student.lr=0.01", f"device={device.type}"]))
+        cfg = resolve(cfg)
+        train = load_data(cfg.dataset, cfg.data, device).train
+        torch.manual_seed(0)
+        net = build_network(cfg.student, cfg.dataset.in_shape, cfg.dataset.num_classes).to(device)
+        s = Session(net, None, torch.nn.ModuleDict(), cfg, cfg.recipe.student, device, SummaryWriter(tb_dir))
+        [result] = run_stages(s, [Stage("ce")], train, None, epochs=[2])
+        ours = result["history"][1]
+
+        torch.manual_seed(0)
+        net = build_network(cfg.student, cfg.dataset.in_shape, cfg.dataset.num_classes).to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        transform = T.Compose([T.RandomResizedCrop(32), T.RandomHorizontalFlip(), T.ToTensor()])
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(torchvision.datasets.ImageFolder(root / "train", transform), range(len(train))),
+            batch_size=batch, shuffle=True,
+            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        for epoch in range(2):
+            waited, images, started = 0.0, 0, time.perf_counter()
+            batches = iter(loader)
+            while True:
+                t = time.perf_counter()
+                xy = next(batches, None)
+                waited += time.perf_counter() - t
+                if xy is None:
+                    break
+                x, y = xy[0].to(device, non_blocking=True), xy[1].to(device, non_blocking=True)
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss.item()
+                images += len(y)
+            spent = time.perf_counter() - started
+    return {"pair": f"ResNet-18, {n} JPEGs, crops 32, {workers} workers", "stage": "streaming (backprop)",
+            "ours_ips": ours["images_s"], "ours_data_wait": ours["data_wait"], "conventional_ips": images / spent,
+            "conventional_data_wait": waited / spent, "d_over_e": ours["images_s"] / (images / spent)}
+
+
 def peak_memory_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -195,7 +272,9 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer (the CLI's compile)")
     parser.add_argument("--channels-last", choices=["on", "off", "both", "preset"], default="preset",
                         help="the CLI's channels_last; both: each stage in each layout; preset: as each pair's config")
-    parser.add_argument("--only", help="run only the pairs whose name contains this")
+    parser.add_argument("--only", help="run only the pairs whose name contains this (streaming: that case only)")
+    parser.add_argument("--images", type=int, default=4000, help="streaming: JPEGs in the folder")
+    parser.add_argument("--workers", type=int, default=2, help="streaming: loader workers")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--tb", default="/tmp/fitnets-bench-tb", help="TensorBoard scratch directory")
     args = parser.parse_args()
@@ -216,7 +295,8 @@ def main():
                 options = [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"]
                 options += [] if layout is None else [f"channels_last={layout}"]
                 s, plans = setup(overrides + options, device, args.tb)
-                evaluate(s.student, held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device), 1000)
+                evaluate(s.student, Resident(held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device)),
+                         1000)
                 for stage in make_stages(["hint", "kd"], plans):
                     floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
                     results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
@@ -227,6 +307,16 @@ def main():
                 results[-1]["peak_memory_gib"] = results[-2]["peak_memory_gib"] = peak_memory_gib(device)
         del full, held_out
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    streaming = []
+    if not args.only or args.only == "streaming":
+        streaming.append(bench_streaming(device, args.images, 64, args.workers, args.tb))
+        table = Table(title=f"streaming training images/s on {name}, batch 64")
+        for col in ("case", "(d) ours", "data wait", "(e) conventional", "data wait", "d/e"):
+            table.add_column(col)
+        for r in streaming:
+            table.add_row(r["pair"], f"{r['ours_ips']:.0f}", f"{r['ours_data_wait']:.0%}",
+                          f"{r['conventional_ips']:.0f}", f"{r['conventional_data_wait']:.0%}", f"{r['d_over_e']:.2f}")
+        console.print(table)
     table = Table(title=f"training images/s on {name}, batch {args.batch}, compile {args.compile}")
     for col in ("pair", "stage", "amp", "channels_last", "(a) floor", "(b) ours", "(c) conventional", "b/a", "b/c",
                 "peak GiB"):
@@ -235,7 +325,8 @@ def main():
         table.add_row(r["pair"], r["stage"], r["amp"], str(r["channels_last"]), f"{r['floor_ips']:.0f}",
                       f"{r['ours_ips']:.0f}", f"{r['conventional_ips']:.0f}", f"{r['b_over_a']:.2f}",
                       f"{r['b_over_c']:.2f}", f"{r['peak_memory_gib']:.2f}")
-    console.print(table)
+    if results:
+        console.print(table)
     # Our loop against itself with one setting changed, in the same run: bf16 over fp32, channels_last over not.
     speedups = []
     for setting, key, on, off in (("bf16_over_fp32", "amp", "bf16", "fp32"),
@@ -251,7 +342,7 @@ def main():
         meta = {"device": name, "machine": platform.machine(), "torch": torch.__version__, "batch": args.batch,
                 "steps": args.steps, "amp": args.amp, "compile": args.compile, "channels_last": args.channels_last}
         with open(args.json, "w") as f:
-            json.dump({**meta, "results": results, "speedups": speedups}, f, indent=2)
+            json.dump({**meta, "results": results, "speedups": speedups, "streaming": streaming}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli import cli
 from fitnets_cli.config import to_config
+from fitnets_cli.data import Resident
 from fitnets_cli.hints import make_regressors, plan_hints
 from fitnets_cli.models import build_net
 from fitnets_cli.train import Session
@@ -31,31 +32,50 @@ def make_config(config_name: str = "train", overrides=()):
         return to_config(compose(config_name, overrides=list(overrides)))
 
 
-# The entry point with torchvision's MD5 check of CIFAR and SVHN files switched off, so that tiny files (whose
-# sums cannot match the real ones) reach its readers.
-WITHOUT_MD5 = ("-c", "import runpy, sys, torchvision.datasets.cifar as c, torchvision.datasets.svhn as s; "
-               "c.check_integrity = s.check_integrity = lambda *args: True; sys.argv[0] = 'fitnets'; "
-               "runpy.run_module('fitnets_cli', run_name='__main__')")
-
-
-def fitnets(*args, cwd=None, check=True, md5=True):
-    """Run the real `fitnets` entry point in a subprocess (md5=False: see WITHOUT_MD5)."""
-    command = ["-m", "fitnets_cli"] if md5 else list(WITHOUT_MD5)
-    proc = subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
+def fitnets(*args, cwd=None, check=True):
+    """Run the real `fitnets` entry point in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "fitnets_cli", *map(str, args)], cwd=cwd,
                           env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"fitnets {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def main(*args) -> str:
-    """Run the entry point's main() in this process as `fitnets *args`, and return what it printed; for
-    commands run many times, where a subprocess would spend seconds starting up."""
-    out = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out):
+def call(*args, check=True, md5=True) -> subprocess.CompletedProcess:
+    """Run `fitnets *args` through the entry point's main() in this process; return its exit code, stdout and
+    stderr as a subprocess would. A subprocess spends seconds importing torch: only tests that need a real
+    process (signals, torchrun, the installed entry point) use `fitnets`. md5=False switches torchvision's MD5
+    check of CIFAR and SVHN files off, so that tiny files, whose sums cannot match the real ones, are read."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         patch.setattr(sys, "argv", ["fitnets", *map(str, args)])
-        cli.main()
-    return out.getvalue()
+        if not md5:
+            import torchvision.datasets.cifar
+            import torchvision.datasets.svhn
+            patch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+            patch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args: True)
+        try:
+            cli.main()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"fitnets {' '.join(map(str, args))} exited with {code}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def main(*args) -> str:
+    """Run `fitnets *args` in this process (see `call`), which must succeed, and return what it printed."""
+    return call(*args).stdout
+
+
+def failure(*args, md5=True) -> str:
+    """Run `fitnets *args` in this process (see `call`), which must exit with code 2 after one line on stderr
+    and no traceback, and return that line."""
+    proc = call(*args, check=False, md5=md5)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    return lines[0]
 
 
 def start(*args, cwd=None, command=("-m", "fitnets_cli")) -> subprocess.Popen:
@@ -81,6 +101,12 @@ def signal_when(proc: subprocess.Popen, last: Path, condition, sig, timeout: flo
                 proc.send_signal(sig)
                 return
         time.sleep(0.005)
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    """Epoch records less their timings (seconds, images/s, data-wait share), which differ between otherwise
+    identical runs."""
+    return [{k: v for k, v in h.items() if k not in ("epoch_s", "images_s", "data_wait")} for h in history]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -164,7 +190,41 @@ def mnist_session(make_config, tmp_path: Path, overrides=()):
     return s, plans
 
 
-def random_split(n: int, seed: int):
-    """n random MNIST-shaped images and labels, drawn from `seed`."""
+def random_split(n: int, seed: int) -> Resident:
+    """A split of n random MNIST-shaped images and labels, drawn from `seed`."""
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return Resident(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class=(8, 4), sizes=((12, 12), (16, 16))) -> Path:
+    """Tiny RGB images in torchvision's ImageFolder layout, root/train/<class>/ and root/val/<class>/ with
+    `per_class` images each, alternately PNG at the first size and JPEG at the second; class c is brightest in
+    channel c, so that it can be learnt."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                w, h = sizes[i % 2]
+                pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+                pixels[..., c % 3] += 150
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 == 0 else 'jpg'}")
+    return root
+
+
+class TinyNet(torch.nn.Module):
+    """A user's own small network, for student=module student._target_=helpers.TinyNet: two conv blocks and a
+    linear head, no batch norm (so that ranks and one process train alike)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8, channels: int = 3):
+        super().__init__()
+        nn = torch.nn
+        self.block1 = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(x)))

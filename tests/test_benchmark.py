@@ -1,8 +1,6 @@
 """The CIFAR-100 distillation benchmark of CRD: the zoo networks, its recipe, the 13-pair preset and compare's
 benchmark layout, on tiny data."""
 
-import contextlib
-import io
 import json
 import re
 
@@ -16,7 +14,7 @@ from fitnets_cli.data import load_data
 from fitnets_cli.networks import build_network, count
 from fitnets_cli.train import make_optimizer, network_lrs, set_hyper
 
-from helpers import main
+from helpers import failure, main
 
 # Trainable parameters at 100 classes and 3x32x32, as HobbitLong/RepDistiller's models/ build them (counted
 # from its code with torch; the same state_dict keys and shapes, and the same outputs for the same weights).
@@ -82,15 +80,15 @@ def test_normalize_standardizes_each_channel_over_the_training_images(make_confi
     cfg = make_config("train", ["dataset=cifar100_crd", f"data.root={tiny_datasets['cifar100']}",
                                 "dataset.valid_size=10"])
     data = load_data(cfg.dataset, cfg.data, torch.device("cpu"))
-    train = torch.cat([data.train[0], data.valid[0]])
+    train = torch.cat([data.train.x, data.valid.x])
     std, mean = torch.std_mean(train, dim=(0, 2, 3))
     assert mean.abs().max() < 1e-5 and (std - 1).abs().max() < 1e-5
     plain = load_data(make_config("train", ["dataset=cifar100_crd", f"data.root={tiny_datasets['cifar100']}",
                                             "dataset.valid_size=10", "dataset.normalize=false"]).dataset,
                       cfg.data, torch.device("cpu"))
-    assert 0 <= plain.test[0].min() and plain.test[0].max() <= 1   # pixels scaled to [0, 1] ...
-    std, mean = torch.std_mean(torch.cat([plain.train[0], plain.valid[0]]), dim=(0, 2, 3), keepdim=True)
-    assert torch.allclose(data.test[0], (plain.test[0] - mean) / std, atol=1e-5)   # ... then the training stats
+    assert 0 <= plain.test.x.min() and plain.test.x.max() <= 1   # pixels scaled to [0, 1] ...
+    std, mean = torch.std_mean(torch.cat([plain.train.x, plain.valid.x]), dim=(0, 2, 3), keepdim=True)
+    assert torch.allclose(data.test.x, (plain.test.x - mean) / std, atol=1e-5)   # ... then the training stats
 
 
 PAIRS = ["resnet56-resnet20", "resnet32x4-ShuffleV2"]
@@ -187,8 +185,5 @@ def test_channels_last_puts_the_networks_in_that_layout_with_the_same_outputs(ma
 
 
 def test_layout_benchmark_without_runs_stops_in_one_line():
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
-        main("compare", "layout=benchmark", "dataset=mnist", "speed.enabled=false")
-    assert stop.value.code == 2 and "layout=benchmark needs runs" in err.getvalue()
-    assert len(err.getvalue().strip().splitlines()) == 1
+    assert "layout=benchmark needs runs" in failure("compare", "layout=benchmark", "dataset=mnist",
+                                                    "speed.enabled=false")

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from importlib import resources
 
 import pytest
@@ -13,12 +14,16 @@ def options(group):
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+FILES = ("imagefolder", "imagenet", "torchvision")   # datasets of image files: shapes come from the files
+
+
 def student_dataset(student):
     return "mnist" if student == "fitnet_mnist" else "cifar10"
 
 
 def test_the_groups_hold_the_issue_options():
-    assert options("dataset") == ["cifar10", "cifar100", "cifar100_crd", "mnist", "mnist_subset", "svhn"]
+    assert options("dataset") == ["cifar10", "cifar100", "cifar100_crd", "imagefolder", "imagenet", "mnist",
+                                  "mnist_subset", "svhn", "torchvision"]
     assert options("schedule") == ["backprop", "crd_fitnet", "fitnets", "hint_joint", "kd"]
     zoo = {"resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_1",
            "wrn_40_2", "vgg8", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"}
@@ -29,7 +34,7 @@ def test_the_groups_hold_the_issue_options():
     assert options("recipe") == options("dataset")
 
 
-@pytest.mark.parametrize("dataset", options("dataset"))
+@pytest.mark.parametrize("dataset", [d for d in options("dataset") if d not in FILES])
 def test_every_dataset_composes_with_its_recipe_and_teacher(make_config, dataset):
     for command in ("train", "train_teacher", "compare"):
         cfg = make_config(command, [f"dataset={dataset}"])
@@ -38,6 +43,43 @@ def test_every_dataset_composes_with_its_recipe_and_teacher(make_config, dataset
     family = {"cifar10": "cifar", "cifar100": "cifar", "cifar100_crd": "cifar", "svhn": "svhn"}.get(dataset, "mnist")
     assert cfg.teacher.layers == cfg.teacher.variants[family].layers
     assert cfg.recipe.student.lr == {"mnist": 0.0005, "mnist_subset": 0.002, "cifar100_crd": 0.05}.get(dataset, 0.005)
+
+
+def test_the_imagenet_recipe_is_torchvisions_reference_and_its_lr_scales_with_the_global_batch(make_config):
+    from fitnets_cli.train import make_optimizer, set_hyper
+    from torch import nn
+
+    cfg = make_config("train", ["dataset=imagenet", "teacher=torchvision", "teacher.arch=resnet34",
+                                "recipe.student.batch_size=512"])
+    optim = cfg.recipe.student
+    assert (optim.optimizer, optim.momentum, optim.weight_decay, optim.max_epochs) == ("sgd", 0.9, 1e-4, 90)
+    assert cfg.recipe.teacher == replace(optim, batch_size=256)   # the teacher's batch was not overridden
+    assert (cfg.dataset.images.size, cfg.dataset.images.resize, cfg.dataset.augment.resized_crop) == (224, 256, True)
+    opt = make_optimizer([nn.Linear(2, 2)], [], optim)
+    assert opt.param_groups[0]["weight_decay"] == 1e-4
+    lrs = [set_hyper(opt, optim, epoch, 0) for epoch in (0, 29, 30, 59, 60, 89)]
+    assert lrs == pytest.approx([0.2, 0.2, 0.02, 0.02, 0.002, 0.002])   # 0.1 per 256 images, x0.1 every 30
+
+
+def test_the_imagenet_preset_pairs_resnet34_and_resnet18_at_layer3(make_config, tmp_path):
+    cfg = make_config("train", ["experiment=imagenet_r34_r18", f"teacher.weights={tmp_path / 'r34.pth'}",
+                                "schedule=fitnets"])
+    assert (cfg.dataset.name, cfg.teacher.arch, cfg.student.arch, cfg.recipe.student.max_epochs) == \
+        ("imagenet", "resnet34", "resnet18", 90)
+    assert [(p.hint, p.guided) for p in cfg.hints.pairs] == [("layer3", "layer3")]
+    shape = [3, 224, 224]
+    teacher = build_network(replace(cfg.teacher, weights=None), shape, 1000)
+    student = build_network(cfg.student, shape, 1000)
+    [plan] = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
+    assert plan.hint_shape == plan.guided_shape == (256, 14, 14) and plan.make is None   # equal: no regressor
+
+
+@pytest.mark.parametrize("dataset", FILES)
+def test_image_file_datasets_compose_with_their_recipe(make_config, dataset):
+    extra = ["dataset.images.cls=FashionMNIST"] if dataset == "torchvision" else []
+    cfg = make_config("train", [f"dataset={dataset}", "teacher=torchvision", *extra])
+    assert cfg.dataset.images.reader == {"imagefolder": "folder"}.get(dataset, dataset)
+    assert cfg.dataset.in_shape is None and cfg.recipe.student.lr_batch == 256   # the shape comes from the files
 
 
 @pytest.mark.parametrize("student", [s for s in options("student") if s not in ("torchvision", "module")])

@@ -5,7 +5,7 @@ import torchvision
 
 from fitnets_cli.config import ConfigError, Data
 from fitnets_cli.data import augment, gcn, lecun_lcn, load_data, stratified_split, zca_apply, zca_fit
-from helpers import fitnets, write_cifar, write_svhn, write_tiny_mnist
+from helpers import failure, write_cifar, write_svhn, write_tiny_mnist
 
 
 def dataset_cfg(make_config, name, **overrides):
@@ -15,21 +15,21 @@ def dataset_cfg(make_config, name, **overrides):
 
 def test_mnist_loads_from_official_idx_files(make_config, tiny_mnist):
     splits = load_data(dataset_cfg(make_config, "mnist", valid_size=50), Data(root=str(tiny_mnist)), "cpu")
-    x, y = splits.train
+    x = splits.train.x
     assert x.shape == (150, 1, 28, 28) and x.dtype == torch.float32
-    assert len(splits.valid[0]) == 50 and torch.bincount(splits.valid[1]).tolist() == [5] * 10
+    assert len(splits.valid.x) == 50 and torch.bincount(splits.valid.y).tolist() == [5] * 10
     # The test split keeps the file's order: its images are the file's bytes scaled to [0, 1].
     raw = tiny_mnist / "MNIST" / "raw"
     images = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes()[16:], np.uint8).reshape(50, 1, 28, 28)
     labels = np.frombuffer((raw / "t10k-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
-    assert torch.equal(splits.test[0], torch.from_numpy(images.copy()).float() / 255)
-    assert torch.equal(splits.test[1], torch.from_numpy(labels.astype(np.int64)))
+    assert torch.equal(splits.test.x, torch.from_numpy(images.copy()).float() / 255)
+    assert torch.equal(splits.test.y, torch.from_numpy(labels.astype(np.int64)))
 
 
 def test_the_shipped_mnist_subset_loads_without_files(make_config, tmp_path):
     splits = load_data(dataset_cfg(make_config, "mnist_subset"), Data(root=str(tmp_path)), "cpu")
-    assert [len(s[0]) for s in (splits.train, splits.valid, splits.test)] == [4000, 1000, 1000]
-    assert torch.bincount(splits.test[1]).tolist() == [100] * 10
+    assert [len(s) for s in (splits.train, splits.valid, splits.test)] == [4000, 1000, 1000]
+    assert torch.bincount(splits.test.y).tolist() == [100] * 10
 
 
 def test_missing_dataset_names_the_fix(make_config, tmp_path):
@@ -44,15 +44,15 @@ def test_cifar_loads_from_official_pickles_with_gcn_zca_cached(make_config, tiny
     root = tiny_datasets[name]      # 20 training images, labels cycling through the classes; 10 test images
     ds = dataset_cfg(make_config, name, valid_size=10)
     splits = load_data(ds, Data(root=str(root)), "cpu")
-    assert splits.train[0].shape == (10, 3, 32, 32) and splits.test[0].shape == (10, 3, 32, 32)
-    assert sorted(splits.valid[1].tolist()) == list(range(10)) and splits.test[1].tolist() == list(range(10))
+    assert splits.train.x.shape == (10, 3, 32, 32) and splits.test.x.shape == (10, 3, 32, 32)
+    assert sorted(splits.valid.y.tolist()) == list(range(10)) and splits.test.y.tolist() == list(range(10))
     # Whitened with the training images' statistics: features have zero mean over them (valid included).
-    images = torch.cat([splits.train[0], splits.valid[0]]).flatten(1)
+    images = torch.cat([splits.train.x, splits.valid.x]).flatten(1)
     assert images.mean(0).abs().max() < 1e-4
     assert len(list((root / "fitnets_cache").glob(f"{name}-gcn_zca-*.pt"))) == 1
     monkeypatch.setattr("fitnets_cli.data.zca_fit", None)      # a second load must not whiten again
     again = load_data(ds, Data(root=str(root)), "cpu")
-    assert torch.equal(again.train[0], splits.train[0])
+    assert torch.equal(again.train.x, splits.train.x)
 
 
 def test_svhn_loads_from_official_mat_files_with_the_extra_split(make_config, tmp_path, monkeypatch):
@@ -60,10 +60,10 @@ def test_svhn_loads_from_official_mat_files_with_the_extra_split(make_config, tm
     write_svhn(tmp_path, np.random.default_rng(0))
     splits = load_data(dataset_cfg(make_config, "svhn", valid_size=30), Data(root=str(tmp_path)), "cpu")
     # valid: 2 per class from train + 1 per class from extra; train: the rest of train + extra.
-    assert len(splits.valid[0]) == 30 and len(splits.train[0]) == 40 + 30 - 30
-    assert torch.bincount(splits.valid[1]).tolist() == [3] * 10
-    assert set(splits.test[1].tolist()) == set(range(10))
-    assert torch.isfinite(splits.train[0]).all()
+    assert len(splits.valid.x) == 30 and len(splits.train.x) == 40 + 30 - 30
+    assert torch.bincount(splits.valid.y).tolist() == [3] * 10
+    assert set(splits.test.y.tolist()) == set(range(10))
+    assert torch.isfinite(splits.train.x).all()
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100", "svhn"])
@@ -80,10 +80,8 @@ def test_garbled_dataset_files_stop_in_one_line_naming_the_folder(name, tmp_path
         garbled = folder / ("data_batch_1" if name == "cifar10" else "train")
     # The right name and size, random bytes: what a damaged copy or download leaves.
     garbled.write_bytes(rng.bytes(garbled.stat().st_size))
-    proc = fitnets("train-teacher", f"dataset={name}", f"data.root={tmp_path}", "device=cpu",
-                   f"hydra.run.dir={tmp_path / 'run'}", check=False, md5=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    [line] = proc.stderr.strip().splitlines()
+    line = failure("train-teacher", f"dataset={name}", f"data.root={tmp_path}", "device=cpu",
+                   f"hydra.run.dir={tmp_path / 'run'}", md5=False)
     assert f"dataset {name} is missing or unreadable in {folder} (" in line, line
     assert line.endswith("or delete them and pass data.download=true")
     assert not (tmp_path / "run" / "checkpoints").exists()     # it stopped before training

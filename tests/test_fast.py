@@ -18,9 +18,10 @@ import bench  # noqa: E402
 
 def test_cached_teacher_outputs_equal_live_ones(make_config, tmp_path):
     s, plans = mnist_session(make_config, tmp_path)
-    x, _ = random_split(300, 0)
+    data = random_split(300, 0)
+    x = data.x
     for stage in make_stages(["hint", "kd"], plans):
-        cache = teacher_cache(s, stage, x, "train")
+        cache = teacher_cache(s, stage, data, "train")
         assert cache is not None
         idx = torch.tensor([5, 17, 299, 0])
         live = batch_targets(s, stage, x[idx], None, idx)
@@ -34,10 +35,11 @@ def test_cached_teacher_outputs_equal_live_ones_under_bf16(make_config, tmp_path
     # The cache is filled under the same autocast as live teacher passes: results must not depend on whether
     # the teacher's outputs fit in memory.
     s, plans = mnist_session(make_config, tmp_path, ["amp=true"])
-    x, _ = random_split(64, 0)
+    data = random_split(64, 0)
+    x = data.x
     idx = torch.tensor([5, 17, 63, 0])
     for stage in make_stages(["hint", "kd"], plans):
-        cache = teacher_cache(s, stage, x, "train")
+        cache = teacher_cache(s, stage, data, "train")
         with autocast(s):
             live = batch_targets(s, stage, x[idx], None, idx)
         for k, cached in batch_targets(s, stage, x[idx], cache, idx).items():
@@ -48,14 +50,14 @@ def test_cached_teacher_outputs_equal_live_ones_under_bf16(make_config, tmp_path
 def test_caching_switches_off_with_augmentation_or_when_asked(make_config, tmp_path):
     s, plans = mnist_session(make_config, tmp_path, ["dataset.augment.flip=true"])
     [kd] = make_stages(["kd"], plans)
-    x, _ = random_split(32, 0)
-    assert teacher_cache(s, kd, x, "train") is None          # each step's view differs: never cache
-    assert teacher_cache(s, kd, x, "valid") is not None      # validation images are never augmented
+    data = random_split(32, 0)
+    assert teacher_cache(s, kd, data, "train") is None          # each step's view differs: never cache
+    assert teacher_cache(s, kd, data, "valid") is not None      # validation images are never augmented
     s, plans = mnist_session(make_config, tmp_path, ["teacher_cache=false"])
-    assert teacher_cache(s, make_stages(["kd"], plans)[0], x, "train") is None
+    assert teacher_cache(s, make_stages(["kd"], plans)[0], data, "train") is None
     s, plans = mnist_session(make_config, tmp_path, ["teacher_cache_gb=0.000001"])
-    assert teacher_cache(s, make_stages(["kd"], plans)[0], x, "train") is None
-    assert teacher_cache(s, make_stages(["ce"], plans)[0], x, "train") is None   # backprop needs no teacher
+    assert teacher_cache(s, make_stages(["kd"], plans)[0], data, "train") is None
+    assert teacher_cache(s, make_stages(["ce"], plans)[0], data, "train") is None   # backprop needs no teacher
 
 
 def loss_and_grads(loss, params):
@@ -67,10 +69,11 @@ def test_the_benchmarks_three_loops_do_the_same_work_on_the_same_batch(make_conf
     step give the same loss and the same gradients for the same weights and batch: the benchmark's ratios
     compare the same work."""
     s, plans = mnist_session(make_config, tmp_path)
-    x, y = random_split(16, 3)
+    data = random_split(16, 3)
+    x, y = data.x, data.y
     for stage in make_stages(["hint", "kd"], plans):
         params = bench.params_of(s, stage)
-        cache = teacher_cache(s, stage, x, "train")
+        cache = teacher_cache(s, stage, data, "train")
         ours = {"live": batch_targets(s, stage, x, None, None), "cached": batch_targets(s, stage, x, cache, torch.arange(16))}
         steps = {"floor": bench.floor_loss(s, stage, x, y), "conventional": bench.conventional_loss(s, stage, x, y)}
         steps |= {f"ours {k}": stage_loss(s, stage, x, y, bench.LAM, targets)[0] for k, targets in ours.items()}
@@ -92,7 +95,8 @@ def test_the_conventional_loaders_images_have_the_models_input_shape():
 
 
 def test_amp_trains_under_bf16_on_cpu_with_float32_losses(make_config, tmp_path):
-    x, y = random_split(16, 3)
+    data = random_split(16, 3)
+    x, y = data.x, data.y
     losses = {}
     for amp in (False, True):
         s, plans = mnist_session(make_config, tmp_path, [f"amp={amp}"])

@@ -3,11 +3,8 @@ module path or FX node name, `fitnets layers`, the regressors, crd_fitnet and Hi
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
-import time
+import signal
 
 import pytest
 import torch
@@ -16,12 +13,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.checkpoint import FORMAT
 from fitnets_cli.config import KD, Config, Dataset, HintPair, Hints, Network, Optim, Recipe, Schedule
+from fitnets_cli.data import Resident
 from fitnets_cli.hints import default_tap, make_regressors, plan_hints
 from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.networks import build_network
 from fitnets_cli.train import Session, make_stages, run_stages, stage_loss
 
-from helpers import tiny_overrides, write_tiny_mnist
+from helpers import call, failure, signal_when, start, tiny_overrides, without_timing, write_tiny_mnist
 
 USER_NET = '''
 import torch.nn.functional as F
@@ -57,20 +55,16 @@ class ThinNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny MNIST, a user's module in a folder outside the package, and how to run fitnets with it importable."""
+    """Tiny MNIST, and a user's module in a folder outside the package, importable by the runs of this module."""
     root = tmp_path_factory.mktemp("any")
     (root / "userpkg").mkdir()
     (root / "userpkg" / "usernets.py").write_text(USER_NET)
     base = tiny_overrides(write_tiny_mnist(root / "data"), root / "teachers") + ["recipe.student.max_epochs=1",
                                                                                    "recipe.teacher.max_epochs=1"]
-
-    def run(*args, check=True):
-        env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(root / "userpkg")}
-        proc = subprocess.run([sys.executable, "-m", "fitnets_cli", *map(str, args)], env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert not check or proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
-        return proc
-    return root, base, run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(root / "userpkg"))        # for runs in this process
+        patch.setenv("PYTHONPATH", str(root / "userpkg"))   # and in a subprocess
+        yield root, base
 
 
 TV_TEACHER = ["teacher=torchvision", "teacher.arch=resnet18"]
@@ -79,8 +73,8 @@ USER_STUDENT = ["student=module", "student._target_=usernets.ThinNet", "+student
 
 
 def test_layers_lists_taps_of_a_torchvision_model_and_a_user_module(world):
-    root, base, run = world
-    out = run("layers", "dataset=mnist", *TV_TEACHER, *USER_STUDENT).stdout
+    root, base = world
+    out = call("layers", "dataset=mnist", *TV_TEACHER, *USER_STUDENT).stdout
     # resnet18 on 1x28x28 (fed as 3 grey copies): the residual sum and the twice-called ReLU are taps
     for line in ("layer1.0.add ", "layer1.0.relu_0 ", "layer1.0.relu_1 ", "layer2 ", "fc "):
         assert line in out, line
@@ -90,21 +84,21 @@ def test_layers_lists_taps_of_a_torchvision_model_and_a_user_module(world):
 
 
 def test_two_stage_runs_for_every_source_and_their_checkpoints_reload(world):
-    root, base, run = world
-    run("train-teacher", *base, *TV_TEACHER, f"hydra.run.dir={root / 'tv_teacher'}")
+    root, base = world
+    call("train-teacher", *base, *TV_TEACHER, f"hydra.run.dir={root / 'tv_teacher'}")
     assert (root / "teachers" / "resnet18-mnist.pt").is_file()
     jobs = {"tv_tv": TV_TEACHER + TV_STUDENT + ["hints.regressor=conv_bn"],
             "maxout_tv": TV_STUDENT + ["teacher.auto_train=true"],
             "user_tv": TV_TEACHER + USER_STUDENT}
     stage1 = {"tv_tv": "hint:layer2<-layer2", "maxout_tv": "hint:layer2<-conv2", "user_tv": "hint:group2<-layer2"}
     for name, args in jobs.items():
-        run("train", *base, *args, f"hydra.run.dir={root / name}")
+        call("train", *base, *args, f"hydra.run.dir={root / name}")
         metrics = json.loads((root / name / "metrics.json").read_text())
         assert [s["name"] for s in metrics["stages"]] == [stage1[name], "kd"]
         checkpoint = root / name / "checkpoints" / "student.pt"
-        out = run("eval", f"checkpoint={checkpoint}", f"data.root={root / 'data'}").stdout
+        out = call("eval", f"checkpoint={checkpoint}", f"data.root={root / 'data'}").stdout
         assert f"{metrics['test']['acc']:.2%}" in out, out
-    rows = json.loads(run("compare", f"runs=[{root / 'tv_tv'},{root / 'user_tv'},{root / 'tv_teacher'}]",
+    rows = json.loads(call("compare", f"runs=[{root / 'tv_tv'},{root / 'user_tv'},{root / 'tv_teacher'}]",
                           "speed.repeats=1", "speed.warmup=0", "format=json").stdout)
     assert {(r["model"], r["role"]) for r in rows} == {("resnet18", "teacher"), ("resnet18", "student"),
                                                        ("usernets.ThinNet", "student")}
@@ -114,22 +108,22 @@ def test_two_stage_runs_for_every_source_and_their_checkpoints_reload(world):
     plain = root / "plain.pt"
     weights = torch.load(root / "teachers" / "resnet18-mnist.pt", weights_only=True)["state_dict"]
     torch.save({k.removeprefix("model."): v for k, v in weights.items()}, plain)
-    run("train", *base, *TV_TEACHER, *USER_STUDENT, "schedule=kd", f"teacher.weights={plain}",
+    call("train", *base, *TV_TEACHER, *USER_STUDENT, "schedule=kd", f"teacher.weights={plain}",
         "teacher_store=nowhere", f"hydra.run.dir={root / 'from_weights'}")
     assert json.loads((root / "from_weights" / "metrics.json").read_text())["teacher"] == "resnet18"
 
 
 def test_a_checkpoint_of_the_previous_format_still_loads(world):
-    root, base, run = world
-    run("train-teacher", *base, f"hydra.run.dir={root / 'maxout_teacher'}", f"teacher_store={root / 'old_store'}")
+    root, base = world
+    call("train-teacher", *base, f"hydra.run.dir={root / 'maxout_teacher'}", f"teacher_store={root / 'old_store'}")
     new = torch.load(root / "maxout_teacher" / "checkpoints" / "teacher.pt", weights_only=True)
     assert new["format"] == FORMAT
     old = {k: v for k, v in new.items() if k != "network"} | {"format": "fitnets-checkpoint-1",
                                                               "layers": new["network"]["layers"]}
     torch.save(old, root / "old.pt")
     acc = json.loads((root / "maxout_teacher" / "metrics.json").read_text())["test"]["acc"]
-    assert f"{acc:.2%}" in run("eval", f"checkpoint={root / 'old.pt'}", f"data.root={root / 'data'}").stdout
-    run("train", *base, "student=fitnet_mnist", "schedule=kd", f"teacher.checkpoint={root / 'old.pt'}",
+    assert f"{acc:.2%}" in call("eval", f"checkpoint={root / 'old.pt'}", f"data.root={root / 'data'}").stdout
+    call("train", *base, "student=fitnet_mnist", "schedule=kd", f"teacher.checkpoint={root / 'old.pt'}",
         f"hydra.run.dir={root / 'from_old'}")
 
 
@@ -143,13 +137,11 @@ def test_a_checkpoint_of_the_previous_format_still_loads(world):
      "hint layer2 4x4x128 <- guided group2 14x14x8: hints.regressor=1x1 needs maps of the same size"),
 ])
 def test_bad_pairs_stop_before_training_with_one_line(world, tmp_path, args, message):
-    root, base, run = world
+    root, base = world
     out = tmp_path / "run"
     # No teacher exists in this store: the pair is checked first, from the configs, and nothing is written.
-    proc = run("train", *base, *TV_TEACHER, *USER_STUDENT, *args, f"teacher_store={tmp_path / 'none'}",
-               f"hydra.run.dir={out}", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert message in failure("train", *base, *TV_TEACHER, *USER_STUDENT, *args, f"teacher_store={tmp_path / 'none'}",
+                              f"hydra.run.dir={out}")
     assert not out.exists()
 
 
@@ -175,7 +167,7 @@ def test_stage_one_changes_only_what_the_guided_tap_depends_on(tmp_path):
     before = {k: v.clone() for k, v in s.student.state_dict().items()}
     teacher = {k: v.clone() for k, v in s.teacher.state_dict().items()}
     g = torch.Generator().manual_seed(0)
-    data = (torch.rand(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
+    data = Resident(torch.rand(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
     run_stages(s, make_stages(["hint"], plans), data, None, epochs=[1])
     changed = {k for k, v in s.student.state_dict().items() if not torch.equal(v, before[k])}
     upto = ("model.conv1.", "model.bn1.", "model.layer1.", "model.layer2.")
@@ -225,7 +217,7 @@ def test_conv_bn_regressor_maps_the_guided_shape_onto_the_hint_shape(student_hw,
 
 
 def test_unknown_sources_and_arguments_stop_with_one_line(world, tmp_path):
-    root, base, run = world
+    root, base = world
     for args, message in [
         (["teacher=torchvision", "teacher.arch=resnet1"], "arch='resnet1' is not a torchvision.models classifier; "
                                                            "closest: resnet18"),
@@ -233,30 +225,20 @@ def test_unknown_sources_and_arguments_stop_with_one_line(world, tmp_path):
         (["+teacher.depth=28"], "keyword arguments ['depth'] apply to arch or _target_ networks"),
         (["teacher._target_=usernets.ThinNet"], "sets layers and _target_"),
     ]:
-        proc = run("train", *base, *args, f"hydra.run.dir={tmp_path / 'x'}", check=False)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert message in failure("train", *base, *args, f"hydra.run.dir={tmp_path / 'x'}")
 
 
 def test_a_user_module_run_resumes_exactly_after_a_kill(world, tmp_path):
-    root, base, run = world
+    root, base = world
     args = [*base, *USER_STUDENT, "schedule=backprop", "recipe.student.max_epochs=6", "recipe.student.batch_size=8",
             "deterministic=true"]
-    run("train", *args, f"hydra.run.dir={tmp_path / 'reference'}")
-    env = {**os.environ, "PYTHONPATH": str(root / "userpkg")}
-    proc = subprocess.Popen([sys.executable, "-m", "fitnets_cli", "train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "run" / "checkpoints" / "last.pt"
-    while proc.poll() is None:
-        try:
-            if torch.load(last, weights_only=True)["at"]["epoch"] >= 2:
-                proc.kill()
-        except Exception:   # not written yet, or being replaced
-            pass
-        time.sleep(0.01)
+    call("train", *args, f"hydra.run.dir={tmp_path / 'reference'}")
+    proc = start("train", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    signal_when(proc, tmp_path / "run" / "checkpoints" / "last.pt", lambda st: st["at"] is not None and st["at"]["epoch"] >= 2, signal.SIGKILL)
+    proc.communicate(timeout=300)
     assert proc.returncode == -9 and not (tmp_path / "run" / "metrics.json").exists()
-    run("train", f"resume={tmp_path / 'run'}")
+    call("train", f"resume={tmp_path / 'run'}")
     done = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("reference", "run")]
     for m in done:
-        for h in m["stages"][0]["history"]:
-            h.pop("epoch_s")
+        m["stages"][0]["history"] = without_timing(m["stages"][0]["history"])
     assert done[0]["stages"] == done[1]["stages"] and done[0]["test"] == done[1]["test"]

@@ -1,9 +1,7 @@
 """Resume, signals, atomic outputs, a full disk, bad input and provenance, through the real entry point."""
 
-import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
 import re
@@ -20,7 +18,7 @@ from fitnets_cli import checkpoint
 from fitnets_cli.checkpoint import DiskFull, atomic_write, write_json
 from fitnets_cli.compare import load_student
 from fitnets_cli.models import build_net
-from helpers import fitnets, main, signal_when, start
+from helpers import call, failure, main, signal_when, start, without_timing
 
 # Five epochs a stage leave room to stop a run in stage 1, at the boundary and in stage 2.
 RUN = ["student=fitnet_mnist", "schedule=fitnets", "recipe.student.max_epochs=5", "recipe.student.batch_size=8",
@@ -38,15 +36,14 @@ def setup(teacher, tmp_path_factory) -> Setup:
     """The shared tiny teacher, and the reference run that nobody interrupts."""
     root, base = teacher
     reference = tmp_path_factory.mktemp("reliable") / "reference"
-    fitnets("train", *base, *RUN, f"hydra.run.dir={reference}")
+    call("train", *base, *RUN, f"hydra.run.dir={reference}")
     return Setup(root, base, reference)
 
 
 def outcome(run):
     metrics = json.loads((run / "metrics.json").read_text())
     for part in metrics["stages"] + metrics.get("retrain", []):
-        for h in part["history"]:
-            h.pop("epoch_s")
+        part["history"] = without_timing(part["history"])
     state = torch.load(run / "checkpoints" / "student.pt", weights_only=True)["state_dict"]
     return {k: metrics[k] for k in ("stages", "test", "test_last")}, state
 
@@ -68,18 +65,6 @@ def interrupt_when(setup, tmp_path, condition, sig, extra=()):
     return run, proc.returncode, err
 
 
-def failure(*args) -> str:
-    """Run `fitnets *args` through the entry point's main() in this process, which must exit with code 2 after
-    one line on stderr, and return that line. (A subprocess per case would cost seconds of start-up; other
-    tests here show the same line and exit code from real processes.)"""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
-        main(*args)
-    lines = err.getvalue().strip().splitlines()
-    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err.getvalue(), err.getvalue()
-    return lines[0]
-
-
 def test_sigterm_in_stage_one_checkpoints_mid_epoch_and_resumes_exactly(setup, tmp_path):
     run, rc, err = interrupt_when(setup, tmp_path, lambda s: s["stage"] == 0 and s["at"] and s["at"]["epoch"] >= 2,
                                   signal.SIGTERM)
@@ -87,14 +72,14 @@ def test_sigterm_in_stage_one_checkpoints_mid_epoch_and_resumes_exactly(setup, t
     assert f"Resume with: fitnets train resume={run}" in err
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["stage"] == 0 and state["at"]["batch"] > 0            # inside an epoch
-    fitnets("train", f"resume={run}")
+    call("train", f"resume={run}")
     assert_same_run(setup.reference, run)
 
 
 def test_sigkill_at_the_stage_boundary_resumes_exactly(setup, tmp_path):
     run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["stage"] == 1 and s["at"] is None, signal.SIGKILL)
     assert rc == -signal.SIGKILL
-    fitnets("train", f"resume={run}")
+    call("train", f"resume={run}")
     assert_same_run(setup.reference, run)
 
 
@@ -102,7 +87,7 @@ def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(s
     run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["stage"] == 1 and s["at"] and s["at"]["epoch"] >= 3,
                                 signal.SIGKILL)
     assert rc == -signal.SIGKILL
-    fitnets("train", f"resume={run}")
+    call("train", f"resume={run}")
     assert_same_run(setup.reference, run)
     before = (run / "metrics.json").read_bytes()
     assert "already finished" in main("train", f"resume={run}")
@@ -114,11 +99,11 @@ def test_a_kill_while_retraining_with_augmentation_resumes_exactly(setup, tmp_pa
     base = setup.base
     extra = ["recipe.retrain_full=true", "dataset.augment.flip=true", "dataset.augment.pad=2",
              "recipe.student.max_epochs=4", "recipe.student.patience=4"]
-    fitnets("train", *base, *RUN, *extra, f"hydra.run.dir={tmp_path / 'reference'}")
+    call("train", *base, *RUN, *extra, f"hydra.run.dir={tmp_path / 'reference'}")
     run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["phase"] == 1 and s["at"] and s["at"]["epoch"] >= 1,
                                 signal.SIGKILL, extra)
     assert rc == -signal.SIGKILL
-    fitnets("train", f"resume={run}")
+    call("train", f"resume={run}")
     assert_same_run(tmp_path / "reference", run)
     assert [r["name"] for r in json.loads((run / "metrics.json").read_text())["retrain"]] == [
         "retrain/hint:conv4<-conv2", "retrain/kd"]
@@ -185,9 +170,7 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes_from_its_last_checkpo
     # write holds the old checkpoint and the new one at once: beside the run's small files (about 40 KiB) the
     # disk takes the first epoch's checkpoint and fails the second's.
     run = tmpfs((64 * 1024 + int(4.5 * weights)) // 1024) / "run"
-    proc = fitnets("train", *base, *BACKPROP, f"hydra.run.dir={run}", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    [line] = proc.stderr.strip().splitlines()
+    line = failure("train", *base, *BACKPROP, f"hydra.run.dir={run}")
     assert f"the disk is full: could not write {run / 'checkpoints' / 'last.pt'} (" in line
     assert re.search(r"\(\d+(\.\d)? (bytes|KiB) free there, and it needs more than \d+\.\d KiB\)", line), line
     assert line.endswith(f"continue the run with: fitnets train resume={run}")
@@ -195,12 +178,12 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes_from_its_last_checkpo
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert (state["stage"], state["at"]["epoch"], state["at"]["batch"]) == (0, 1, 0)   # after the first epoch
     tmpfs(4096)
-    fitnets("train", f"resume={run}")
+    call("train", f"resume={run}")
     assert [s["epochs"] for s in json.loads((run / "metrics.json").read_text())["stages"]] == [3]
 
 
 def test_a_write_that_finds_no_space_reports_it_and_keeps_the_previous_file(setup, tmp_path, monkeypatch):
-    """The same without root, in-process: the second epoch's checkpoint write fails with ENOSPC."""
+    """The same without root: the second epoch's checkpoint write fails with ENOSPC."""
     real_save, saved = torch.save, []
 
     def save(obj, f, *args, **kwargs):
@@ -241,10 +224,8 @@ def test_torchs_errno_less_write_failure_is_told_from_other_errors_by_the_free_s
 def test_a_nan_loss_stops_with_the_stage_epoch_and_term_and_keeps_the_last_checkpoint(setup, tmp_path):
     base = setup.base
     run = tmp_path / "nan"
-    proc = fitnets("train", *base, "student=fitnet_mnist", "schedule=backprop", "recipe.student.lr=1e30",
-                   "recipe.student.optimizer=sgd", "recipe.student.max_epochs=3", f"hydra.run.dir={run}", check=False)
-    assert proc.returncode == 2
-    [line] = proc.stderr.strip().splitlines()
+    line = failure("train", *base, "student=fitnet_mnist", "schedule=backprop", "recipe.student.lr=1e30",
+                   "recipe.student.optimizer=sgd", "recipe.student.max_epochs=3", f"hydra.run.dir={run}")
     assert "stage ce, epoch" in line and "ce loss is" in line and "checkpoint is kept" in line
     assert not (run / "metrics.json").exists()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fitnets, signal_when, start
+from helpers import call, main, signal_when, start
 
 # SGD: its update is linear in the gradient, so one process and two ranks stay within float rounding of
 # each other (RMSProp divides by tiny early gradients and amplifies rounding until the runs drift apart).
@@ -37,7 +37,7 @@ def runs(teacher, tmp_path_factory):
     in a directory of its own."""
     _, base = teacher
     root = tmp_path_factory.mktemp("scale")
-    fitnets("train", *base, *RUN, f"hydra.run.dir={root / 'single'}")
+    call("train", *base, *RUN, f"hydra.run.dir={root / 'single'}")
     (root / "ddp").mkdir()
     torchrun("train", *base, *RUN, cwd=root / "ddp")
     [ddp] = (root / "ddp" / "runs" / "train").iterdir()
@@ -116,13 +116,13 @@ def test_a_multirun_under_torchrun_is_refused_in_one_line(tmp_path, rank):
 
 def test_a_joblib_sweep_of_two_backprop_jobs_needs_no_teacher_and_compare_reads_it(tiny, tmp_path):
     sweep = tmp_path / "sweep"
-    fitnets("train", "-m", *tiny, "student=fitnet_mnist", "schedule=backprop", "seed=0,1",
-            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}")
+    call("train", "-m", *tiny, "student=fitnet_mnist", "schedule=backprop", "seed=0,1",
+         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}")
     runs = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
     assert {job: (m["seed"], [s["epochs"] for s in m["stages"]]) for job, m in runs.items()} == \
         {"0": (0, [2]), "1": (1, [2])}
     assert not (tmp_path / "teachers").exists()        # the teacher store was never needed
-    rows = json.loads(fitnets("compare", f"runs={sweep}", "speed.enabled=false", "format=json").stdout)
+    rows = json.loads(main("compare", f"runs={sweep}", "speed.enabled=false", "format=json"))
     assert [(r["model"], r["schedule"], r["seeds"]) for r in rows] == [("fitnet_mnist", "backprop", 2)]
 
 

@@ -34,7 +34,7 @@ def test_hand_off_keeps_the_best_stage_one_weights_and_stage_two_trains_the_whol
     losses = [r["valid_hint"] for r in hint["history"]]
     assert hint["best_epoch"] == losses.index(min(losses)) != len(losses) - 1
     from fitnets_cli.train import evaluate_stage
-    assert evaluate_stage(s, make_stages(["hint"], plans)[0], *valid)["hint"] == pytest.approx(min(losses), rel=1e-5)
+    assert evaluate_stage(s, make_stages(["hint"], plans)[0], valid)["hint"] == pytest.approx(min(losses), rel=1e-5)
     student, regressor = snapshot(s.student), snapshot(s.regressors)
     run_stages(s, make_stages(["kd"], plans), random_split(64, 0), None, epochs=[1])
     assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.layers)

@@ -82,7 +82,7 @@ def precheck(command: str, args: list[str]) -> list[str]:
         out = Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
         with open_dict(cfg):
             del cfg["hydra"]
-        config = to_config(cfg)
+        config = with_data(to_config(cfg))
         if command == "train" and not config.resume and {"hint", "joint"} & set(config.schedule.stages):
             from fitnets_cli.hints import plan_from_configs   # torch loads here: the pairs are checked first
             plan_from_configs(config)
@@ -91,6 +91,9 @@ def precheck(command: str, args: list[str]) -> list[str]:
             raise
         hint = ("; Hydra's launcher plugins come with `pip install '.[cluster]'`, run in the root of the fitnets "
                 "clone" if "hydra/launcher" in one_line(err) else "")
+        if "Interpolation key 'variants." in one_line(err):
+            hint = ("; teacher=maxout has variants for dataset.family mnist, cifar and svhn only: set "
+                    "dataset.family to one of them, or use teacher=torchvision or teacher=module")
         errors.print(f"[bold red]error:[/] {escape(one_line(err) + hint)}")
         sys.exit(2)
     if config.resume:
@@ -142,6 +145,16 @@ def distributed(command: str, args: list[str]) -> list[str]:
     return checked
 
 
+def with_data(config):
+    """The config with an image-file dataset's shape and classes read from its files, which are checked on the
+    way (before anything is written); other configs as they are."""
+    if config.dataset is None or config.dataset.images is None or config.resume:
+        return config
+    from fitnets_cli.images import resolve   # torch and PIL load here: only image files need them
+
+    return resolve(config)
+
+
 def fail(message: str) -> None:
     errors.print(f"[bold red]error:[/] {escape(message)}")   # messages quote overrides such as [a,b]
     sys.exit(2)
@@ -154,7 +167,7 @@ def task(cfg: DictConfig):
 
     module, function = COMMANDS[cfg.command][2].split(":")
     try:
-        return getattr(importlib.import_module(f"fitnets_cli.{module}"), function)(to_config(cfg))
+        return getattr(importlib.import_module(f"fitnets_cli.{module}"), function)(with_data(to_config(cfg)))
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was trained")
     except (ConfigError, OmegaConfBaseException) as err:

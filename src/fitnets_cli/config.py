@@ -88,18 +88,46 @@ class Student(Network):
 class Augment:
     pad: int = 0                        # zero padding before a random crop back to the input size
     flip: bool = False                  # random horizontal flips
+    resized_crop: bool = False          # image files: a random-resized crop (images.crop_scale) of each file
 
     def __post_init__(self):
         _require(self.pad >= 0, "dataset.augment.pad must be >= 0")
 
 
 @dataclass
+class Images:
+    """How a dataset of image files (dataset=imagefolder, imagenet, torchvision) becomes the networks' input."""
+    reader: str = "folder"              # folder: data.root/train/<class>/* | imagenet | torchvision (cls)
+    cls: Optional[str] = None           # reader torchvision: the torchvision.datasets class, e.g. FashionMNIST
+    kwargs: Dict[str, Any] = field(default_factory=dict)   # its keyword arguments besides root and download
+    size: Optional[int] = None          # the side of the square inputs; None: the training images' own size
+    resize: Optional[int] = None        # evaluation: shorter side resized to this, centre crop of size; None: size
+    channels: Optional[int] = None      # None: the images' own (they must agree); 1 or 3: every image converted
+    mean: List[float] = field(default_factory=list)   # per channel, on [0, 1] pixels; []: none
+    std: List[float] = field(default_factory=list)
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])   # random-resized crop: area range
+    crop_ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])   # ... and aspect-ratio range
+
+    def __post_init__(self):
+        _one_of(self.reader, ("folder", "imagenet", "torchvision"), "dataset.images.reader")
+        _require(self.reader != "torchvision" or bool(self.cls),
+                 "dataset.images.reader=torchvision needs dataset.images.cls (a torchvision.datasets class name)")
+        _require(self.channels in (None, 1, 3), f"dataset.images.channels must be 1, 3 or null, got {self.channels}")
+        _require(all(v is None or v > 0 for v in (self.size, self.resize)), "dataset.images.size and resize must be > 0")
+        _require(len(self.mean) == len(self.std) and all(v > 0 for v in self.std),
+                 "dataset.images.mean and std need one value per channel each, std > 0")
+        _require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+                 "dataset.images.crop_scale must be [low, high] with 0 < low <= high <= 1")
+
+
+@dataclass
 class Dataset:
-    name: str = MISSING                 # mnist | mnist_subset | cifar10 | cifar100 | svhn
+    name: str = MISSING                 # mnist | mnist_subset | cifar10 | cifar100 | svhn, or any for image files
     family: str = MISSING               # picks the teacher variant: mnist | cifar | svhn
-    num_classes: int = MISSING
-    in_shape: List[int] = MISSING       # C, H, W
-    valid_size: int = MISSING
+    num_classes: Optional[int] = None   # None (image files): from the data
+    in_shape: Optional[List[int]] = None   # C, H, W; None (image files): from the data
+    # Training images held out for validation; image files also take a fraction of them (0 < valid_size < 1).
+    valid_size: Any = MISSING
     preprocess: str = "scale"           # scale | gcn_zca | gcn_lcn
     gcn_scale: float = 55.0
     zca_bias: float = 0.1
@@ -107,10 +135,19 @@ class Dataset:
     extra: bool = False                 # SVHN: train on train + extra
     students: List[str] = field(default_factory=list)   # the paper's students on this dataset (compare's default)
     augment: Augment = field(default_factory=Augment)
+    images: Optional[Images] = None     # set: the dataset is read from image files (conf/dataset/imagefolder.yaml)
 
     def __post_init__(self):
         _one_of(self.preprocess, ("scale", "gcn_zca", "gcn_lcn"), "dataset.preprocess")
-        _require(self.valid_size >= 0, "dataset.valid_size must be >= 0")
+        fraction = isinstance(self.valid_size, float) and 0 < self.valid_size < 1 and self.images is not None
+        _require(fraction or (isinstance(self.valid_size, int) and self.valid_size >= 0),
+                 f"dataset.valid_size={self.valid_size} must be a count >= 0 (or, for image files, a fraction < 1)")
+        _require(self.images is not None or (self.in_shape is not None and self.num_classes is not None),
+                 f"dataset {self.name}: in_shape and num_classes are needed unless it is read from image files")
+        _require(self.images is None or self.preprocess == "scale",
+                 "dataset.preprocess applies to mnist, cifar and svhn; image files take dataset.images.mean/std")
+        _require(not self.augment.resized_crop or self.images is not None,
+                 "dataset.augment.resized_crop applies to image files; use augment.pad for tensor datasets")
 
 
 @dataclass
@@ -122,9 +159,20 @@ class Data:
     # stratified: a seeded split with valid_size / classes images of each class held out. last: the last
     # valid_size training images, as the authors' yamls (MNIST start 50000 / stop 60000).
     valid_split: str = "stratified"
+    # Image files: true holds the decoded dataset on the device (today's path for mnist, cifar, svhn); false
+    # streams it through loader workers; auto holds it when it fits in resident_gb and needs no resized crops.
+    resident: str = "auto"
+    resident_gb: float = 2.0
+    workers: int = 4                    # loader worker processes (per rank) that decode and crop
+    prefetch: int = 4                   # batches each worker prepares ahead
+    bad_images: str = "stop"            # an image that fails to decode mid-run: stop (naming it) | skip (counted)
 
     def __post_init__(self):
         _one_of(self.valid_split, ("stratified", "last"), "data.valid_split")
+        _one_of(str(self.resident).lower(), ("auto", "true", "false"), "data.resident")
+        self.resident = str(self.resident).lower()
+        _one_of(self.bad_images, ("stop", "skip"), "data.bad_images")
+        _require(self.workers >= 0 and self.prefetch >= 1, "data.workers must be >= 0 and data.prefetch >= 1")
 
 
 @dataclass
@@ -141,8 +189,10 @@ class Optim:
     lr_decay_saturate: int = 0
     lr_exp_decay: float = 1.0           # divide the LR by this after every update (pylearn2 ExponentialDecay)
     lr_min: float = 0.0                 # ... but never below this
-    lr_steps: List[int] = field(default_factory=list)   # multiply the LR by lr_step_factor from each of
-    lr_step_factor: float = 0.1                          # these (0-based) epochs on
+    lr_step: int = 0                    # every lr_step epochs, multiply the LR by lr_step_factor (0: never) ...
+    lr_steps: List[int] = field(default_factory=list)   # ... and from each of these (0-based) epochs on
+    lr_step_factor: float = 0.1
+    lr_batch: int = 0                   # lr is for batches of this many images: scaled by batch_size / lr_batch
     weight_decay: float = 0.0           # L2 penalty on every trained parameter (the optimiser's weight_decay)
     batch_size: int = 128
     drop_last: bool = False             # skip each epoch's last partial batch (pylearn2's even_* iterators)
@@ -160,8 +210,10 @@ class Optim:
         _require(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
         _require(self.patience > 0, f"patience must be > 0, got {self.patience}")
         _require(self.lr_exp_decay >= 1, f"lr_exp_decay must be >= 1 (1: off), got {self.lr_exp_decay}")
-        _require(self.weight_decay >= 0 and 0 < self.lr_step_factor <= 1 and all(e > 0 for e in self.lr_steps),
-                 "weight_decay must be >= 0, lr_step_factor in (0, 1] and lr_steps epochs > 0")
+        _require(self.lr_step >= 0 and self.lr_batch >= 0 and self.weight_decay >= 0,
+                 "lr_step, lr_batch and weight_decay must be >= 0 (0: off)")
+        _require(0 < self.lr_step_factor <= 1 and all(e > 0 for e in self.lr_steps),
+                 "lr_step_factor must be in (0, 1] and lr_steps epochs > 0")
         # Settings that would otherwise be accepted and have no effect:
         _require(self.optimizer == "sgd" or self.momentum == self.momentum_final == 0,
                  "momentum / momentum_final apply to optimizer=sgd only; set them to 0 with rmsprop")

@@ -1,5 +1,6 @@
-"""Datasets as tensors on the training device: torchvision loaders, the paper's preprocessing (cached on
-disk), a seeded stratified validation split, and batched augmentation."""
+"""Datasets as splits that yield batches: tensors on the training device (torchvision loaders, the paper's
+preprocessing cached on disk, batched augmentation there), or image files streamed by loader workers
+(images.py); a seeded stratified validation split."""
 
 import io
 from dataclasses import dataclass
@@ -10,23 +11,57 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fitnets_cli import dist
 from fitnets_cli.checkpoint import DiskFull, atomic_write
-from fitnets_cli.config import ConfigError
+from fitnets_cli.config import Augment, ConfigError
 from fitnets_cli.ui import console
+
+
+class Resident:
+    """A split held as one float tensor on the device (every built-in dataset, and small image datasets):
+    batches are its rows, picked by index there."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    @property
+    def labels(self):
+        return self.y
+
+    def __add__(self, other: "Resident") -> "Resident":
+        return Resident(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]))
+
+    def batches(self, batch_size: int, order=None, start: int = 0, stop=None, crop_seed=None, train: bool = False):
+        """(x, y, idx, global batch size) of this rank's share of each batch of `order` (default: in order) from
+        batch `start` to `stop`; in training, a last batch too small to give every rank an image is skipped."""
+        order = torch.arange(len(self), device=self.x.device) if order is None else order
+        for batch in order.split(batch_size)[start:stop]:
+            if train and len(batch) < dist.world():
+                continue
+            idx = dist.shard(batch)   # this rank's share of the global batch
+            yield self.x[idx], self.y[idx], idx, len(batch)
 
 
 @dataclass
 class Splits:
-    train: tuple          # (images float32 N,C,H,W; labels int64 N)
-    valid: tuple | None   # None: no validation split (valid_size 0)
-    test: tuple
+    train: object          # Resident or images.Streamed
+    valid: object | None   # None: no validation split (valid_size 0)
+    test: object
 
 
-def load_data(dataset, data, device) -> Splits:
-    """Load, preprocess and split a dataset, and move it to `device`."""
+def load_data(dataset, data, device, augment: Augment | None = None) -> Splits:
+    """Load, preprocess and split a dataset, held on `device` or, for image files, streamed to it."""
+    if dataset.images is not None:
+        return _load_files(dataset, data, device, augment or dataset.augment)
+    if data.resident == "false":
+        raise ConfigError(f"dataset={dataset.name} is held on the device whole; to stream a torchvision dataset "
+                          "use dataset=torchvision dataset.images.cls=NAME")
     raw = _load_raw(dataset, data)
     images = _preprocess(raw, dataset, data)
-    pools = [("train", dataset.valid_size)]
+    pools = [("train", int(dataset.valid_size))]
     if dataset.extra:
         # Goodfellow et al.'s SVHN split: 400 per class from train and 200 per class from extra.
         from_train = dataset.valid_size * 2 // 3
@@ -40,9 +75,53 @@ def load_data(dataset, data, device) -> Splits:
             keep, held = stratified_split(labels, size, dataset.num_classes, data.split_seed + i)
         train.append((images[pool][keep], labels[keep]))
         valid.append((images[pool][held], labels[held]))
-    to = lambda parts: tuple(torch.cat(t).to(device) for t in zip(*parts))
+    to = lambda parts: Resident(*(torch.cat(t).to(device) for t in zip(*parts)))
     return Splits(train=to(train), valid=to(valid) if dataset.valid_size else None,
-                  test=(images["test"].to(device), raw["test"][1].to(device)))
+                  test=Resident(images["test"].to(device), raw["test"][1].to(device)))
+
+
+def _load_files(dataset, data, device, augment: Augment) -> Splits:
+    """Image files: validation from val/ or held out of train/, test from test/ (else val/, else the held-out
+    validation images); held on the device when data.resident says so, else streamed."""
+    from fitnets_cli import images   # PIL and the loaders: only image files need them
+
+    found = images.listing(dataset, data)
+    files = lambda split: images.Files(found.reader, *found.splits[split], dataset.in_shape, dataset.images)
+    stream = lambda f: images.Streamed(f, device, data, dataset.images.mean, dataset.images.std)
+    train = stream(files("train"))
+    if "val" in found.splits:
+        valid = stream(files("val"))
+    elif dataset.valid_size:
+        keep, held = held_out(train.labels, dataset.valid_size, dataset.num_classes, data.split_seed)
+        train, valid = train.subset(keep.tolist()), train.subset(held.tolist())
+    else:
+        valid = None
+    test = stream(files("test")) if "test" in found.splits else valid
+    if test is None:
+        raise ConfigError(f"{data.root} has no val/ or test/ folder and dataset.valid_size=0 holds nothing out: add "
+                          "val/<class>/ images or set dataset.valid_size (a count, or a fraction such as 0.1)")
+    if test is valid and "val" not in found.splits:
+        console.print(f"no val/ or test/ folder: {len(valid)} images held out of train/ (dataset.valid_size) "
+                      "serve as validation and test")
+    n = sum(len(s) for s in {id(s): s for s in (train, valid, test) if s is not None}.values())
+    gib = images.decoded_gib(dataset, n)
+    if data.resident == "true" or (data.resident == "auto" and not augment.resized_crop and gib <= data.resident_gb):
+        console.print(f"decoding {n} images onto the device ({gib:.2f} GiB; data.resident={data.resident})")
+        held = {id(s): Resident(s.decode_all(), s.labels.to(device)) for s in (train, valid, test) if s is not None}
+        pick = lambda s: None if s is None else held[id(s)]
+        return Splits(pick(train), pick(valid), pick(test))
+    return Splits(train, valid, test)
+
+
+def held_out(labels, size, num_classes: int, seed: int):
+    """Indices (kept, held out): `size` images (a count, spread evenly over classes) or a fraction of each class."""
+    if isinstance(size, int):
+        return stratified_split(labels, size, num_classes, seed)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    held = torch.cat([perm[labels[perm] == c][:round(size * int((labels == c).sum()))] for c in range(num_classes)])
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return mask.nonzero().squeeze(1), held.sort().values
 
 
 def last_split(n: int, size: int):

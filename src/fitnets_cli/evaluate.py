@@ -7,26 +7,26 @@ from rich.table import Table
 from fitnets_cli import dist
 from fitnets_cli.checkpoint import load_model, saved_dataset
 from fitnets_cli.config import ConfigError, Config
-from fitnets_cli.data import batches, load_data
+from fitnets_cli.data import load_data
 from fitnets_cli.ui import console
 
 
 @torch.no_grad()
-def evaluate(net, x, y, batch_size: int = 1000) -> dict:
-    """Cross-entropy, accuracy and error of `net` on (x, y), in eval mode."""
+def evaluate(net, split, batch_size: int = 1000) -> dict:
+    """Cross-entropy, accuracy and error of `net` on a split (data.Resident or images.Streamed), in eval mode."""
     was_training = net.training
     net.eval()
-    loss = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
-    for idx in batches(len(x), batch_size, x.device, shuffle=False):
-        idx = dist.shard(idx)
-        logits = net(x[idx])
-        loss += F.cross_entropy(logits, y[idx], reduction="sum")
-        correct += (logits.argmax(1) == y[idx]).sum()
+    device = next(net.parameters()).device
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    for x, y, _, _ in split.batches(batch_size):
+        logits = net(x)
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
     net.train(was_training)
     loss, correct = dist.sum_(loss), dist.sum_(correct)
-    acc = correct.item() / len(x)
-    return {"loss": loss.item() / len(x), "acc": acc, "error": 1 - acc}
+    acc = correct.item() / len(split)
+    return {"loss": loss.item() / len(split), "acc": acc, "error": 1 - acc}
 
 
 def eval_command(cfg: Config) -> dict:
@@ -40,7 +40,7 @@ def eval_command(cfg: Config) -> dict:
         raise ConfigError(f"checkpoint {cfg.checkpoint} takes {net.in_shape} inputs and {net.num_classes} "
                           f"classes; dataset={dataset.name} has {tuple(dataset.in_shape)} and {dataset.num_classes}")
     data = load_data(dataset, cfg.data, device)
-    metrics = evaluate(net, *data.test, cfg.eval_batch_size)
+    metrics = evaluate(net, data.test, cfg.eval_batch_size)
     table = Table(title=f"eval {cfg.checkpoint}")
     for col in ("model", "role", "trained on", "tested on", "test acc", "test error", "test loss"):
         table.add_column(col)

@@ -37,7 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 from fitnets_cli import dist
 from fitnets_cli.checkpoint import DiskFull, atomic_write, holds, load_payload, save_model, write_json, write_text
 from fitnets_cli.config import ConfigError, Config, Optim
-from fitnets_cli.data import Splits, augment, batches, load_data
+from fitnets_cli.data import Resident, Splits, augment, batches, load_data
 from fitnets_cli.evaluate import evaluate
 from fitnets_cli.hints import HintPlan, key, make_regressors, plan_hints, plan_table
 from fitnets_cli.losses import hint_loss, kd_loss, lam_at
@@ -68,7 +68,7 @@ class Session:
     optim: Optim
     device: torch.device
     tb: SummaryWriter
-    test: tuple | None = None                   # the test split, scored at each stage's last epoch
+    test: object = None                         # the test split, scored at each stage's last epoch
     step: int = 0                               # epochs run so far over all stages: the TensorBoard x axis
     stages_started: int = 0
     checkpoint: object = None                   # checkpoint(at): save progress, `at` a position in a stage
@@ -120,14 +120,17 @@ def teacher_layers(stage: Stage) -> list[str | None]:
 
 
 @torch.no_grad()
-def teacher_cache(s: Session, stage: Stage, x, split: str) -> dict | None:
-    """The teacher's outputs on all of `x`, computed once per stage, or None when they cannot be reused:
-    caching is off, the inputs are augmented (the teacher must see each step's view), or it is too big.
-    Computed under the same autocast as live teacher passes, so results do not depend on whether it fits."""
+def teacher_cache(s: Session, stage: Stage, split, which: str) -> dict | None:
+    """The teacher's outputs on all of a resident split, computed once per stage, or None when they cannot be
+    reused: caching is off, the inputs are augmented (the teacher must see each step's view) or streamed, or
+    it is too big. Computed under the same autocast as live teacher passes, so results do not depend on
+    whether it fits."""
     layers = teacher_layers(stage)
     aug = s.optim.augment or s.cfg.dataset.augment
-    if not (layers and s.cfg.teacher_cache and (split != "train" or not (aug.pad or aug.flip))):
+    augmented = which == "train" and (aug.pad or aug.flip or aug.resized_crop)
+    if not (layers and s.cfg.teacher_cache and isinstance(split, Resident) and not augmented):
         return None
+    x = split.x
     size = len(x) * sum(math.prod(s.teacher.shapes[l] if l else (s.teacher.num_classes,)) for l in layers) * 4
     if size > s.cfg.teacher_cache_gb * 2**30:
         return None
@@ -205,10 +208,14 @@ def make_optimizer(modules: list[nn.Module], regressors, optim: Optim):
 
 
 def set_hyper(opt, optim: Optim, epoch: int, update: int) -> float:
-    """Apply the LR (linear decay by epoch, steps at epochs, exponential by update) and the momentum ramp at
-    this update of the stage; return the base LR."""
+    """Apply the LR (scaled to the batch; linear decay and steps by epoch, exponential decay by update) and the
+    momentum ramp at this update of the stage; return the base LR."""
     ramp = lambda saturate: min(epoch / saturate, 1.0) if saturate > 0 else 0.0
     lr = optim.lr * (1 - (1 - optim.lr_decay_factor) * ramp(optim.lr_decay_saturate))
+    if optim.lr_batch:   # the linear scaling rule: the LR is given for lr_batch images
+        lr *= optim.batch_size / optim.lr_batch
+    if optim.lr_step:
+        lr *= optim.lr_step_factor ** (epoch // optim.lr_step)
     lr *= optim.lr_step_factor ** sum(epoch >= step for step in optim.lr_steps)
     if optim.lr_exp_decay != 1:
         lr = max(lr / optim.lr_exp_decay ** update, optim.lr_min)
@@ -221,52 +228,64 @@ def set_hyper(opt, optim: Optim, epoch: int, update: int) -> float:
 
 
 @torch.no_grad()
-def evaluate_stage(s: Session, stage: Stage, x, y, cache: dict | None = None) -> dict:
+def evaluate_stage(s: Session, stage: Stage, split, cache: dict | None = None) -> dict:
     """The validation metrics of a stage: hint loss for hint stages, else loss, accuracy and error."""
     if stage.kind == "hint":
         s.train(False)
-        total = torch.zeros((), device=x.device)
-        for idx in batches(len(x), s.cfg.eval_batch_size, x.device, shuffle=False):
-            idx = dist.shard(idx)
+        total = torch.zeros((), device=s.device)
+        for x, y, idx, _ in split.batches(s.cfg.eval_batch_size):
             with autocast(s):
-                targets = batch_targets(s, stage, x[idx], cache, idx)
-                total += stage_loss(s, stage, x[idx], y[idx], 0.0, targets)[0] * len(idx)
+                targets = batch_targets(s, stage, x, cache, idx)
+                total += stage_loss(s, stage, x, y, 0.0, targets)[0] * len(idx)
         s.train(True)
-        return {"hint": dist.sum_(total).item() / len(x)}
-    return evaluate(s.student, x, y, s.cfg.eval_batch_size)
+        return {"hint": dist.sum_(total).item() / len(split)}
+    return evaluate(s.student, split, s.cfg.eval_batch_size)
 
 
 # ---------------------------------------------------------------- the loop
 
 @dataclass
 class Epoch:
-    """Where a stage is: the epoch, the first batch still to run and the order of this epoch's images, the
-    running sums of the loss terms and correct predictions, and the history and best epoch so far."""
+    """Where a stage is: the epoch, the first batch still to run, the order of this epoch's images and the seed
+    of their random-resized crops, the running sums of the loss terms and correct predictions, and the history
+    and best epoch so far."""
     epoch: int = 0
     batch: int = 0
     order: torch.Tensor | None = None
+    seed: int = 0
     sums: dict = field(default_factory=dict)
     correct: torch.Tensor | float = 0.0
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"score": math.inf, "epoch": -1, "state": None})
 
 
+def timed(batches, waited: list):
+    """The batches, adding the seconds spent waiting for each (for data, not for the device) to waited[0]."""
+    batches = iter(batches)
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        waited[0] += time.perf_counter() - started
+        if batch is None:
+            return
+        yield batch
+
+
 def train_epoch(s: Session, stage: Stage, opt, modules, train, cache, at: Epoch, per_epoch: int, progress, task):
     """Train one epoch (from batch at.batch), adding up its loss terms; checkpoint and raise Interrupted
-    after the step in which a signal arrived. Returns the epoch's lr (at its last update) and lam."""
+    after the step in which a signal arrived. Returns the epoch's lr (at its last update) and lam, the images
+    trained per second and the share of that time spent waiting for data."""
     optim, kd = s.optim, s.cfg.recipe.kd
-    x_train, y_train = train
     aug = optim.augment or s.cfg.dataset.augment
     params = [p for m in modules for p in m.parameters()]
     constrained = constraints(modules)
     lam = lam_at(at.epoch, kd) if stage.kind == "kd" else 0.0
     lr = set_hyper(opt, optim, at.epoch, at.epoch * per_epoch + at.batch)
-    for b, batch in enumerate(at.order.split(optim.batch_size)[at.batch:per_epoch], at.batch):
+    waited, images, started = [0.0], 0, time.perf_counter()
+    batches = train.batches(optim.batch_size, at.order, at.batch, per_epoch,
+                            crop_seed=at.seed if aug.resized_crop else None, train=True)
+    for b, (x, y, idx, size) in enumerate(timed(batches, waited), at.batch):
         lr = set_hyper(opt, optim, at.epoch, at.epoch * per_epoch + b)
-        if len(batch) < dist.world():   # a last batch too small to give every rank an image
-            continue
-        idx = dist.shard(batch)   # this rank's share of the global batch
-        x, y = x_train[idx], y_train[idx]
         if aug.pad or aug.flip:
             x = augment(x, aug.pad, aug.flip)
         with autocast(s):
@@ -274,7 +293,7 @@ def train_epoch(s: Session, stage: Stage, opt, modules, train, cache, at: Epoch,
             loss, terms, logits = stage_loss(s, stage, x, y, lam, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        dist.reduce_gradients(params, len(idx) / len(batch))
+        dist.reduce_gradients(params, len(idx) / size)
         opt.step()
         for module in constrained:
             module.constrain()
@@ -282,19 +301,24 @@ def train_epoch(s: Session, stage: Stage, opt, modules, train, cache, at: Epoch,
             at.sums[k] = at.sums.get(k, 0.0) + v.detach() * len(idx)
         if logits is not None:
             at.correct += (logits.argmax(1) == y).sum()
+        images += size
         progress.advance(task)
         if dist.anyone(bool(STOP)):   # every rank stops after the same step
             at.batch = b + 1
             s.checkpoint(position(opt, at, reduce=True))
             raise Interrupted(f"stage {stage_name(s, stage)}, epoch {at.epoch}, batch {b + 1}")
-    return {"lr": lr, **({"lam": lam} if stage.kind == "kd" else {})}
+    if s.device.type == "cuda":   # the steps run asynchronously: time them to their end
+        torch.cuda.synchronize(s.device)
+    spent = time.perf_counter() - started
+    return {"lr": lr, **({"lam": lam} if stage.kind == "kd" else {}), "images_s": images / spent,
+            "data_wait": waited[0] / spent}
 
 
 def position(opt, at: Epoch, reduce: bool = False) -> dict:
     """A checkpointable position in a stage; with `reduce`, the running sums are summed over ranks first."""
     sums = {k: dist.sum_(v) for k, v in at.sums.items()} if reduce else at.sums
     return {"optimizer": opt.state_dict(), "history": at.history, "best": at.best, "epoch": at.epoch,
-            "batch": at.batch, "order": at.order, "sums": sums,
+            "batch": at.batch, "order": at.order, "seed": at.seed, "sums": sums,
             "correct": dist.sum_(at.correct) if reduce and torch.is_tensor(at.correct) else at.correct}
 
 
@@ -314,7 +338,7 @@ def end_epoch(s: Session, stage: Stage, at: Epoch, record: dict, started: float,
     if stage.kind != "hint":
         record["train_acc"] = dist.sum_(torch.as_tensor(at.correct, device=s.device)).item() / seen
     if valid is not None:
-        record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, *valid, valid_cache).items()})
+        record.update({f"valid_{k}": v for k, v in evaluate_stage(s, stage, valid, valid_cache).items()})
         score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
         if score < at.best["score"]:
             at.best = {"score": score, "epoch": at.epoch, "state": snapshot_weights(modules)}
@@ -337,24 +361,24 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
     optim, name = s.optim, stage_name(s, stage)
     modules = trained_modules(s, stage)
     opt = make_optimizer(modules, list(s.regressors.values()), optim)
-    x_train = train[0]
-    per_epoch = len(x_train) // optim.batch_size if optim.drop_last else math.ceil(len(x_train) / optim.batch_size)
+    n = len(train)
+    per_epoch = n // optim.batch_size if optim.drop_last else math.ceil(n / optim.batch_size)
     if per_epoch == 0:
         raise ConfigError(f"stage {name}: drop_last=true with batch_size {optim.batch_size} leaves no batch of "
-                          f"the {len(x_train)} training images; lower the batch size or set drop_last=false")
-    seen = min(per_epoch * optim.batch_size, len(x_train))   # images trained on per epoch
+                          f"the {n} training images; lower the batch size or set drop_last=false")
+    seen = min(per_epoch * optim.batch_size, n)   # images trained on per epoch
     where = Epoch(correct=torch.zeros((), device=s.device))
     if at is not None:
         opt.load_state_dict(at["optimizer"])
         # The saved sums are over all ranks (see position): rank 0 carries them on, the others restart.
         keep = dist.is_main()
         where = Epoch(at["epoch"], at["batch"], None if at["order"] is None else at["order"].to(s.device),
-                      {k: v.to(s.device) * keep for k, v in at["sums"].items()},
+                      at.get("seed", 0), {k: v.to(s.device) * keep for k, v in at["sums"].items()},
                       torch.as_tensor(at["correct"], device=s.device) * keep, at["history"], at["best"])
-    cache = teacher_cache(s, stage, x_train, "train")
-    valid_cache = teacher_cache(s, stage, valid[0], "valid") if valid is not None and stage.kind == "hint" else None
+    cache = teacher_cache(s, stage, train, "train")
+    valid_cache = teacher_cache(s, stage, valid, "valid") if valid is not None and stage.kind == "hint" else None
     if cache is not None:
-        console.print(f"{name}: teacher outputs computed once for the {len(x_train)} training images "
+        console.print(f"{name}: teacher outputs computed once for the {n} training images "
                       "(no augmentation); no teacher pass in the training steps")
     stage_task = progress.add_task(name, total=max_epochs, completed=where.epoch, status="")
     batch_task = progress.add_task("  epoch", total=per_epoch, status="")
@@ -363,12 +387,15 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
         s.tb.add_text("stages", f"stage {name} starts at epoch {s.step}", s.step)
     while where.epoch < max_epochs:
         if where.order is None:
-            where.order = dist.same_order(torch.randperm(len(x_train), device=s.device))
+            where.order = dist.same_order(torch.randperm(n, device=s.device))
+            if (optim.augment or s.cfg.dataset.augment).resized_crop:   # drawn only where crops need it
+                where.seed = int(dist.same_order(torch.randint(2**62, (1,), device=s.device)).item())
         progress.reset(batch_task, completed=where.batch)
         started = time.perf_counter()
         record = train_epoch(s, stage, opt, modules, train, cache, where, per_epoch, progress, batch_task)
         record = end_epoch(s, stage, where, record, started, seen, valid, valid_cache, modules)
         status = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("train_", "valid_")))
+        status += f" {record['images_s']:.0f} img/s, data wait {record['data_wait']:.0%}"
         progress.update(stage_task, advance=1, status=status)
         if not console.is_terminal:
             console.print(f"{name} epoch {where.epoch}: {status}")
@@ -380,7 +407,8 @@ def run_stage(s: Session, stage: Stage, train, valid, max_epochs: int, progress,
         if where.epoch < max_epochs:
             s.checkpoint(position(opt, where))
     # The last epoch's test score, taken before the best epoch's weights come back.
-    test_last = evaluate(s.student, *s.test, s.cfg.eval_batch_size) if s.test and stage.kind != "hint" else None
+    test_last = evaluate(s.student, s.test, s.cfg.eval_batch_size) if s.test is not None and stage.kind != "hint" \
+        else None
     if where.best["state"] is not None:
         restore_weights(modules, where.best["state"])
     progress.remove_task(batch_task)
@@ -477,7 +505,7 @@ def fit(cfg: Config, build, stages: list[Stage], data: Splits, run_dir: Path, st
         if retrain:
             epochs = [max(r["best_epoch"] + 1, 1) for r in result["stages"]]
             console.print(f"retraining on train + valid for {epochs} epochs")
-            full = tuple(torch.cat(pair) for pair in zip(data.train, data.valid))
+            full = data.train + data.valid
             s = session(state)
             if state is None:
                 s.step = step
@@ -590,7 +618,7 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
     """Test the final model, save it, write metrics.json (last: it marks the run finished) and TensorBoard
     hparams, and print the summary."""
     net = s.student
-    test = evaluate(net, *data.test, cfg.eval_batch_size)
+    test = evaluate(net, data.test, cfg.eval_batch_size)
     last_stage = (result.get("retrain") or result["stages"])[-1]
     sizes = count(network_of(net.build_spec), net.in_shape, net.num_classes, cfg.counting)
     metrics = {
@@ -601,6 +629,11 @@ def finish(cfg: Config, s: Session, result: dict, data: Splits, role: str, name:
         "device": str(s.device), "provenance": made_by,
         "wall_s": round(time.time() - started, 1), **result,
     }
+    skipped = sorted(set().union(*(getattr(split, "skipped", ()) for split in (data.train, data.valid, data.test))))
+    if skipped:   # data.bad_images=skip
+        metrics["skipped_images"] = skipped
+        console.print(f"{len(skipped)} image(s) failed to decode and were left out (data.bad_images=skip): "
+                      f"{', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}")
     for path in [run_dir / "checkpoints" / f"{role}.pt"] + ([store] if store else []):
         save_model(path, net, role=role, name=name, dataset=cfg.dataset,
                    config=(run_dir / "config_resolved.yaml").read_text(), metrics=test, provenance=made_by)
@@ -696,8 +729,8 @@ def train_teacher(cfg: Config, run_dir: Path | None = None, resume_command: str 
     started = time.time()
     cfg, run_dir, state = prepare(cfg, run_dir)
     device = dist.pick_device(cfg.device)
-    data = load_data(cfg.dataset, cfg.data, device)
     optim = cfg.recipe.teacher
+    data = load_data(cfg.dataset, cfg.data, device, optim.augment)
     tb = tensorboard(run_dir, state)
 
     def build():
@@ -735,7 +768,7 @@ def train_student(cfg: Config) -> dict:
             train_teacher(replace(cfg, resume=None), run_dir / "teacher", f"fitnets train resume={run_dir}")
         teacher_file = load_teacher(cfg, teacher)
         teacher = maybe_compile(teacher.to(device), cfg)
-    data = load_data(cfg.dataset, cfg.data, device)
+    data = load_data(cfg.dataset, cfg.data, device, optim.augment)
     tb = tensorboard(run_dir, state)
 
     def build():

@@ -1,0 +1,424 @@
+"""Datasets of image files: found and checked before a run writes anything, then held on the device (small
+ones, as every built-in dataset is) or streamed through loader workers.
+
+Readers (dataset.images.reader):
+  folder       torchvision's ImageFolder layout: data.root/train/<class>/<image>, and optionally val/ and test/
+  imagenet     torchvision's ImageNet: its archives under data.root, extracted on first use, or the train/ and
+               val/ folders and meta.bin they extract to
+  torchvision  any torchvision.datasets class by name, with its keyword arguments
+
+Each gives, per split, items (file paths, or (split, index) of a torchvision dataset) and labels. A loader worker
+decodes an item into a uint8 C,H,W tensor: the evaluation view (shorter side resized, centre crop) or, with a
+seed, a random-resized crop drawn from that seed alone, so that a resumed run, or another number of ranks,
+cuts the same crops.
+"""
+
+import difflib
+import inspect
+import math
+import random
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fitnets_cli import dist
+from fitnets_cli.config import Config, ConfigError, Data, Dataset
+from fitnets_cli.ui import console
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")   # torchvision's own list
+GREY = ("1", "L", "LA", "La", "I", "I;16", "F", "P;L")   # PIL modes read as one channel (alpha dropped)
+
+
+@dataclass
+class Listing:
+    """What a dataset's files hold: class names, per split (train, and val / test where there are such)
+    (items, labels), the input shape (C, H, W), and how to open an item."""
+    classes: list
+    splits: dict
+    shape: tuple
+    reader: object = None
+    notes: list = field(default_factory=list)
+
+
+def channels_of(mode: str) -> int:
+    return 1 if mode in GREY else 3
+
+
+class FileReader:
+    """Opens image files by path."""
+
+    def open(self, item) -> Image.Image:
+        return Image.open(item)
+
+
+class DatasetReader:
+    """Opens the images of torchvision datasets: item (split, index) -> the image of dataset[index]."""
+
+    def __init__(self, sets: dict):
+        self.sets = sets
+
+    def open(self, item) -> Image.Image:
+        image = self.sets[item[0]][item[1]][0]
+        if isinstance(image, torch.Tensor):
+            image = image.numpy().transpose(1, 2, 0).squeeze(2) if image.dim() == 3 else image.numpy()
+        return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
+_FOUND = {}   # one scan per process: the check before the run and the run itself share it
+
+
+def listing(dataset: Dataset, data: Data) -> Listing:
+    """The dataset's files, scanned once per process; bad input raises ConfigError naming the file or folder."""
+    images = dataset.images
+    key = (images.reader, str(data.root), images.cls, repr(images.kwargs), images.size, images.channels)
+    if key not in _FOUND:
+        root = Path(data.root)
+        if images.reader == "torchvision":
+            found = _torchvision(dataset, data)
+        else:
+            if images.reader == "imagenet":
+                _prepare_imagenet(root)
+            found = _folders(root, images)
+        for note in found.notes:
+            console.print(note)
+        _FOUND[key] = found
+    return _FOUND[key]
+
+
+def resolve(cfg: Config) -> Config:
+    """The config with the dataset's input shape and class count taken from its image files (checked on the way);
+    other configs unchanged."""
+    ds = cfg.dataset
+    if ds is None or ds.images is None:
+        return cfg
+    found = listing(ds, cfg.data)
+    if ds.num_classes is not None and ds.num_classes != len(found.classes):
+        raise ConfigError(f"dataset.num_classes={ds.num_classes} but {cfg.data.root} holds {len(found.classes)} "
+                          "classes; leave num_classes unset to take it from the data")
+    if ds.in_shape is not None and tuple(ds.in_shape) != tuple(found.shape):
+        raise ConfigError(f"dataset.in_shape={list(ds.in_shape)} but the images give {list(found.shape)}; set "
+                          "dataset.images.size and dataset.images.channels instead, and leave in_shape unset")
+    optims = [o for o in (cfg.recipe.student, cfg.recipe.teacher) if o] if cfg.recipe else []
+    if cfg.data.resident == "true" and any((o.augment or ds.augment).resized_crop for o in optims):
+        raise ConfigError("random-resized crops are cut from the image files by the loader workers, and "
+                          "data.resident=true holds decoded images; set data.resident=auto or false, or "
+                          "dataset.augment.resized_crop=false")
+    if ds.images.mean and len(ds.images.mean) != found.shape[0]:
+        raise ConfigError(f"dataset.images.mean and std have {len(ds.images.mean)} values for "
+                          f"{found.shape[0]}-channel images; give one per channel")
+    return replace(cfg, dataset=replace(ds, in_shape=list(found.shape), num_classes=len(found.classes)))
+
+
+# ---------------------------------------------------------------- readers
+
+def _folders(root: Path, images) -> Listing:
+    if not root.is_dir():
+        raise ConfigError(f"data.root={root} is not a folder; pass data.root=DIR holding train/<class>/<images> "
+                          "(torchvision's ImageFolder layout)")
+    train = root / "train"
+    if not train.is_dir():
+        raise ConfigError(f"{root} has no train/ folder; put the training images in {train}/<class>/ (one folder "
+                          "per class), and held-out ones in val/<class>/")
+    classes = _class_folders(train)
+    if not classes:
+        raise ConfigError(f"{train} holds no class folders; put each class's images in {train}/<class>/")
+    splits = {"train": _files(train, classes, classes)}
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            held = _class_folders(root / name)
+            if not held:
+                raise ConfigError(f"{root / name} holds no class folders; put its images in {root / name}/<class>/ "
+                                  "or remove it")
+            foreign = [c for c in held if c not in classes]
+            if foreign:
+                raise ConfigError(f"{root / name / foreign[0]}: class {foreign[0]!r} has no folder in {train}; "
+                                  "rename it to a training class or remove it")
+            splits[name] = _files(root / name, held, classes)
+    shape, notes = _shape(splits, images)
+    return Listing(classes, splits, shape, FileReader(), notes)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _files(folder: Path, present: list[str], classes: list[str]) -> tuple[list, list]:
+    """(paths, labels) of the images in folder/<class>/ (searched recursively, in sorted order)."""
+    items, labels = [], []
+    for name in present:
+        found = sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        for p in found:
+            if p.suffix.lower() not in EXTENSIONS:
+                raise ConfigError(f"{p} is not an image ({p.suffix or 'no extension'}); move it out of the class "
+                                  f"folder (images: {', '.join(EXTENSIONS)})")
+        if not found:
+            raise ConfigError(f"{folder / name} is a class folder with no images; add images or remove the folder")
+        items += [str(p) for p in found]
+        labels += [classes.index(name)] * len(found)
+    return items, labels
+
+
+def _header(path: str):
+    """(width, height, mode) from the file's header, or the reason it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.size + (image.mode,)
+    except Exception as err:   # PIL raises several types for foreign or damaged files
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:100]}" if str(err) else type(err).__name__
+
+
+def _shape(splits: dict, images) -> tuple[tuple, list]:
+    """The input shape (C, H, W) from images.channels and size, else from the files' headers, which must agree
+    on the channel count (and are checked to be images)."""
+    if images.channels and images.size:
+        return (images.channels, images.size, images.size), []
+    paths = [p for items, _ in splits.values() for p in items]
+    with ThreadPoolExecutor(16) as pool:
+        headers = list(pool.map(_header, paths, chunksize=256))
+    for path, header in zip(paths, headers):
+        if isinstance(header, str):
+            raise ConfigError(f"{path} cannot be read as an image ({header}); replace or remove it")
+    first = headers[0]
+    if not images.channels:
+        for path, (_, _, mode) in zip(paths, headers):
+            if channels_of(mode) != channels_of(first[2]):
+                raise ConfigError(f"{path} has {channels_of(mode)} channel(s) (mode {mode}) where {paths[0]} has "
+                                  f"{channels_of(first[2])}; convert it, or set dataset.images.channels=3 (or 1) to "
+                                  "convert every image")
+    channels = images.channels or channels_of(first[2])
+    if images.size:
+        return (channels, images.size, images.size), []
+    train = headers[:len(splits["train"][0])]
+    sizes = {(w, h) for w, h, _ in train}
+    if len(sizes) == 1:
+        (w, h), = sizes
+        return (channels, h, w), []
+    side = min(min(w, h) for w, h in sizes)
+    return (channels, side, side), [f"the training images come in {len(sizes)} sizes; inputs are {side}x{side}, the "
+                                    f"smallest side (set dataset.images.size to choose another)"]
+
+
+def _prepare_imagenet(root: Path) -> None:
+    """torchvision's ImageNet preparation: the devkit's meta.bin, and train/ and val/ extracted from their
+    archives when not there yet."""
+    from torchvision.datasets import imagenet   # a second to import: only file datasets need it
+
+    try:
+        if not (root / imagenet.META_FILE).is_file():
+            imagenet.parse_devkit_archive(str(root))
+        for split, parse in (("train", imagenet.parse_train_archive), ("val", imagenet.parse_val_archive)):
+            if not (root / split).is_dir():
+                parse(str(root))
+    except Exception as err:
+        reason = f"{type(err).__name__}: {str(err).strip()}".splitlines()[0][:160]
+        raise ConfigError(f"dataset imagenet is missing or unreadable in {root} ({reason}); place torchvision's "
+                          "ImageNet files there: ILSVRC2012_devkit_t12.tar.gz with ILSVRC2012_img_train.tar and "
+                          "ILSVRC2012_img_val.tar, or the train/, val/ and meta.bin they extract to") from None
+
+
+def _torchvision(dataset: Dataset, data: Data) -> Listing:
+    import torchvision   # a second to import: only file datasets need it
+
+    images = dataset.images
+    names = [n for n in dir(torchvision.datasets) if n[0].isupper()]
+    if images.cls not in names:
+        close = difflib.get_close_matches(images.cls, names)
+        raise ConfigError(f"dataset.images.cls={images.cls!r} is not a torchvision.datasets class; closest: "
+                          f"{', '.join(close) or 'none'}")
+    cls = getattr(torchvision.datasets, images.cls)
+    takes = inspect.signature(cls).parameters
+
+    def make(split):
+        kwargs = dict(images.kwargs)
+        if "train" in takes:
+            kwargs.setdefault("train", split == "train")
+        elif "split" in takes:
+            kwargs.setdefault("split", split)
+        if "download" in takes:
+            kwargs["download"] = data.download
+        return cls(data.root, **kwargs)
+
+    try:
+        sets = {split: make(split) for split in ("train", "test")}
+    except Exception as err:   # torchvision's readers fail in many ways on missing or damaged files
+        reason = f"{type(err).__name__}: {str(err).strip()}".splitlines()[0][:160].rstrip(": ")
+        raise ConfigError(f"torchvision dataset {images.cls} is missing or unreadable in {data.root} ({reason}); "
+                          "place its files there, or pass data.download=true") from None
+    splits = {split: ([(split, i) for i in range(len(ds))], _labels(ds)) for split, ds in sets.items()}
+    classes = list(getattr(sets["train"], "classes", None) or range(max(splits["train"][1]) + 1))
+    first = DatasetReader(sets).open(("train", 0))
+    channels = images.channels or channels_of(first.mode)
+    size = images.size
+    shape = (channels, size, size) if size else (channels, first.size[1], first.size[0])
+    return Listing(classes, splits, shape, reader=DatasetReader(sets))
+
+
+def _labels(ds) -> list[int]:
+    """A torchvision dataset's labels, from its label attribute where it keeps one (else read one by one)."""
+    for name in ("targets", "labels", "_labels", "_targets", "y"):
+        labels = getattr(ds, name, None)
+        if labels is not None and len(labels) == len(ds):
+            return [int(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+# ---------------------------------------------------------------- decoding, on the loader workers
+
+def crop_box(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a random-resized crop, as torchvision's RandomResizedCrop draws it."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    aspect = width / height   # fallback: the whole image, its aspect clamped to the range
+    w, h = (width, round(width / ratio[0])) if aspect < ratio[0] else \
+        (round(height * ratio[1]), height) if aspect > ratio[1] else (width, height)
+    w, h = min(w, width), min(h, height)
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class Files(torch.utils.data.Dataset):
+    """Items decoded into uint8 C,H,W tensors of the input shape. A key is (index, seed): seed None gives the
+    evaluation view, else a random-resized crop drawn from the seed and the index alone."""
+
+    def __init__(self, reader, items: list, labels: list, shape, images):
+        self.reader, self.items, self.labels = reader, items, labels
+        self.shape, self.images = tuple(shape), images
+
+    def __len__(self):
+        return len(self.items)
+
+    def view(self, image: Image.Image, seed) -> Image.Image:
+        c, h, w = self.shape
+        image = image.convert("L" if c == 1 else "RGB")
+        if seed is not None:
+            left, top, cw, ch = crop_box(random.Random(seed), *image.size, self.images.crop_scale,
+                                         self.images.crop_ratio)
+            return image.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+        if image.size == (w, h):
+            return image
+        side = self.images.resize or max(h, w)
+        scale = side / min(image.size)
+        image = image.resize((max(w, round(image.size[0] * scale)), max(h, round(image.size[1] * scale))),
+                             Image.BILINEAR)
+        left, top = (image.size[0] - w) // 2, (image.size[1] - h) // 2
+        return image.crop((left, top, left + w, top + h))
+
+    def __getitem__(self, key):
+        i, seed = key
+        try:
+            with self.reader.open(self.items[i]) as image:
+                x = np.asarray(self.view(image, None if seed is None else seed * 1_000_003 + i), dtype=np.uint8)
+        except Exception as err:   # decoding fails in many ways on damaged files; see data.bad_images
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}" if str(err) else type(err).__name__
+            return None, self.labels[i], i, (str(self.items[i]), reason)
+        x = torch.from_numpy(x.copy())
+        return (x[None] if x.dim() == 2 else x.permute(2, 0, 1)), self.labels[i], i, None
+
+    def collate(self, samples):
+        """A batch (uint8 images, labels, indices, [(item, reason) of the images that failed to decode])."""
+        good = [s for s in samples if s[3] is None]
+        x = torch.stack([s[0] for s in good]) if good else torch.empty((0, *self.shape), dtype=torch.uint8)
+        return (x, torch.tensor([s[1] for s in good], dtype=torch.long),
+                torch.tensor([s[2] for s in good], dtype=torch.long), [s[3] for s in samples if s[3] is not None])
+
+
+def ignore_interrupts(worker: int) -> None:
+    """A loader worker leaves SIGINT (a Ctrl-C reaches the whole process group) to the main process, which stops
+    after the current step with a checkpoint, then ends the workers. (SIGTERM still ends a worker: the main
+    process's own exit terminates its workers with it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Plan(torch.utils.data.Sampler):
+    """The loader's batches of keys, set before each pass: persistent workers serve one plan after another."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class Streamed:
+    """A split of image files read by loader workers (decoded and cropped there), then moved to the device and
+    normalised there. Under torchrun each rank reads its own share of every batch."""
+
+    def __init__(self, files: Files, device, data: Data, mean, std, skipped: set | None = None):
+        self.files, self.device, self.data = files, torch.device(device), data
+        self.mean_std = mean, std
+        c = files.shape[0]
+        self.mean = torch.tensor(mean or [0.0] * c, device=self.device).view(1, c, 1, 1)
+        self.std = torch.tensor(std or [1.0] * c, device=self.device).view(1, c, 1, 1)
+        self.skipped = set() if skipped is None else skipped   # images that failed to decode (bad_images=skip)
+        self.plan = Plan()
+        workers = data.workers
+        # A generator of its own: a loader's iterator draws its base seed from it, never from the run's RNG.
+        self.loader = torch.utils.data.DataLoader(
+            files, batch_sampler=self.plan, num_workers=workers, collate_fn=files.collate,
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=data.prefetch if workers else None, generator=torch.Generator(),
+            worker_init_fn=ignore_interrupts)
+
+    def __len__(self):
+        return len(self.files)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor(self.files.labels, dtype=torch.long)
+
+    def __add__(self, other: "Streamed") -> "Streamed":
+        return self._with(self.files.items + other.files.items, self.files.labels + other.files.labels)
+
+    def subset(self, index) -> "Streamed":
+        return self._with([self.files.items[i] for i in index], [self.files.labels[i] for i in index])
+
+    def _with(self, items, labels) -> "Streamed":
+        f = self.files
+        return Streamed(Files(f.reader, items, labels, f.shape, f.images), self.device, self.data, *self.mean_std,
+                        self.skipped)
+
+    def batches(self, batch_size: int, order=None, start: int = 0, stop=None, crop_seed=None, train: bool = False):
+        """(x, y, idx, global batch size) of this rank's share of each batch of `order` (default: in order) from
+        batch `start` to `stop`; with `crop_seed`, random-resized crops drawn from it."""
+        order = torch.arange(len(self)) if order is None else order.cpu()
+        chunks = [b for b in order.split(batch_size)[start:stop] if not train or len(b) >= dist.world()]
+        self.plan.batches = [[(i, crop_seed) for i in dist.shard(b).tolist()] for b in chunks]
+        for chunk, (x, y, idx, bad) in zip(chunks, self.loader):
+            for item, reason in bad:
+                if self.data.bad_images == "stop":
+                    raise ConfigError(f"{item} cannot be decoded ({reason}); replace or remove it, or set "
+                                      "data.bad_images=skip to leave out images that fail to decode")
+                self.skipped.add(item)
+            x = x.to(self.device, non_blocking=True).float().div_(255)
+            yield (x - self.mean) / self.std, y.to(self.device, non_blocking=True), idx.to(self.device), len(chunk)
+
+    def decode_all(self) -> torch.Tensor:
+        """Every image's evaluation view, normalised, as one float tensor on the device (the resident path)."""
+        n = len(self)
+        out = torch.empty((n, *self.files.shape), device=self.device)
+        order = torch.arange(n)
+        self.plan.batches = [[(i, None) for i in b.tolist()] for b in order.split(256)]
+        for x, y, idx, bad in self.loader:
+            if bad:
+                item, reason = bad[0]
+                raise ConfigError(f"{item} cannot be decoded ({reason}); replace or remove it")
+            out[idx.to(self.device)] = (x.to(self.device).float().div_(255) - self.mean) / self.std
+        return out
+
+
+def decoded_gib(dataset: Dataset, n: int) -> float:
+    """The size of n images of the input shape as float32 tensors, in GiB."""
+    return n * math.prod(dataset.in_shape) * 4 / 2**30
