@@ -9,7 +9,7 @@ import torch
 
 from fitnets_cli import zoo
 from fitnets_cli.compare import PUBLISHED
-from fitnets_cli.config import Network
+from fitnets_cli.config import ConfigError, Network
 from fitnets_cli.data import load_data
 from fitnets_cli.networks import build_network, count
 from fitnets_cli.train import make_optimizer, network_lrs, set_hyper
@@ -187,3 +187,8 @@ def test_channels_last_puts_the_networks_in_that_layout_with_the_same_outputs(ma
 def test_layout_benchmark_without_runs_stops_in_one_line():
     assert "layout=benchmark needs runs" in failure("compare", "layout=benchmark", "dataset=mnist",
                                                     "speed.enabled=false")
+
+
+def test_normalize_is_refused_where_it_would_not_apply(make_config):
+    with pytest.raises(ConfigError, match="image files take dataset.images.mean/std"):
+        make_config("train", ["dataset=imagefolder", "dataset.normalize=true"])

@@ -144,6 +144,8 @@ class Dataset:
                  f"dataset.valid_size={self.valid_size} must be a count >= 0 (or, for image files, a fraction < 1)")
         _require(self.images is not None or (self.in_shape is not None and self.num_classes is not None),
                  f"dataset {self.name}: in_shape and num_classes are needed unless it is read from image files")
+        _require(self.images is None or not self.normalize,
+                 "dataset.normalize applies to mnist, cifar and svhn; image files take dataset.images.mean/std")
         _require(self.images is None or self.preprocess == "scale",
                  "dataset.preprocess applies to mnist, cifar and svhn; image files take dataset.images.mean/std")
         _require(not self.augment.resized_crop or self.images is not None,
