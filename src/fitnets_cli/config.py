@@ -191,8 +191,7 @@ class Optim:
     lr_decay_saturate: int = 0
     lr_exp_decay: float = 1.0           # divide the LR by this after every update (pylearn2 ExponentialDecay)
     lr_min: float = 0.0                 # ... but never below this
-    lr_step: int = 0                    # every lr_step epochs, multiply the LR by lr_step_factor (0: never) ...
-    lr_steps: List[int] = field(default_factory=list)   # ... and from each of these (0-based) epochs on
+    lr_steps: List[int] = field(default_factory=list)   # from each of these (0-based) epochs on, LR x lr_step_factor
     lr_step_factor: float = 0.1
     lr_batch: int = 0                   # lr is for batches of this many images: scaled by batch_size / lr_batch
     weight_decay: float = 0.0           # L2 penalty on every trained parameter (the optimiser's weight_decay)
@@ -212,8 +211,7 @@ class Optim:
         _require(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
         _require(self.patience > 0, f"patience must be > 0, got {self.patience}")
         _require(self.lr_exp_decay >= 1, f"lr_exp_decay must be >= 1 (1: off), got {self.lr_exp_decay}")
-        _require(self.lr_step >= 0 and self.lr_batch >= 0 and self.weight_decay >= 0,
-                 "lr_step, lr_batch and weight_decay must be >= 0 (0: off)")
+        _require(self.lr_batch >= 0 and self.weight_decay >= 0, "lr_batch and weight_decay must be >= 0 (0: off)")
         _require(0 < self.lr_step_factor <= 1 and all(e > 0 for e in self.lr_steps),
                  "lr_step_factor must be in (0, 1] and lr_steps epochs > 0")
         # Settings that would otherwise be accepted and have no effect:

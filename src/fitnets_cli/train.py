@@ -214,8 +214,6 @@ def set_hyper(opt, optim: Optim, epoch: int, update: int) -> float:
     lr = optim.lr * (1 - (1 - optim.lr_decay_factor) * ramp(optim.lr_decay_saturate))
     if optim.lr_batch:   # the linear scaling rule: the LR is given for lr_batch images
         lr *= optim.batch_size / optim.lr_batch
-    if optim.lr_step:
-        lr *= optim.lr_step_factor ** (epoch // optim.lr_step)
     lr *= optim.lr_step_factor ** sum(epoch >= step for step in optim.lr_steps)
     if optim.lr_exp_decay != 1:
         lr = max(lr / optim.lr_exp_decay ** update, optim.lr_min)
