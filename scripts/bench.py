@@ -1,7 +1,7 @@
 """Training throughput, in one process and one run, as ratios (the machine may be shared and noisy):
 
   (a) floor        the bare model step (forward, backward, optimiser) on one pre-made batch
-  (b) ours         fitnets' own training loop (train.run_stages, as the CLI runs it) on device-resident data
+  (b) ours         fitnets' own training loop (loop.train_stage, as the CLI runs it) on device-resident data
   (c) conventional a dataset that decodes each uint8 image to PIL as torchvision's CIFAR10/MNIST do, a
                    DataLoader with per-sample transforms, a full teacher forward and a `.item()` every
                    step, as the popular KD repositories do
@@ -17,7 +17,7 @@ The streaming case (`--only streaming`) trains a torchvision ResNet-18 by backpr
 (random-resized crops of 32x32 and flips, batch 64) through
 
   (d) ours         fitnets' streaming path (loader workers decode and crop into uint8 tensors, flips on the
-                   device) feeding the same train.run_stages
+                   device) feeding the same loop.train_stage
   (e) conventional torchvision's ImageFolder with RandomResizedCrop, RandomHorizontalFlip and ToTensor in a
                    DataLoader, the same model step in a plain loop
 
@@ -53,7 +53,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
-from fitnets_cli.config import to_config
+from fitnets_cli.commands import to_config
 from fitnets_cli.data import Resident, load_data
 from fitnets_cli.dist import pick_device
 from fitnets_cli.evaluate import evaluate
@@ -61,8 +61,11 @@ from fitnets_cli.hints import make_regressors, plan_hints
 from fitnets_cli.images import resolve
 from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.networks import build_network
-from fitnets_cli.train import (Session, Stage, autocast, make_optimizer, make_stages, maybe_compile, regress,
-                               run_stages, trained_modules)
+from fitnets_cli.data import Splits
+from fitnets_cli.loop import Run, augmentation, make_optimizer, train_stage
+from fitnets_cli.resume import Progress
+from fitnets_cli.stages import Session, Stage, autocast, make_stages, regress, trained_modules
+from fitnets_cli.train import maybe_compile
 
 PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
@@ -73,7 +76,8 @@ LAM = 4.0   # the KD weight of the (a) and (c) steps: lam at the start of stage 
 
 
 def setup(overrides, device, tb_dir):
-    """The real config, a frozen teacher, the student and its hint plan for one model pair."""
+    """A run of the real config (no directory, no data), a session of a frozen teacher and the student, and
+    its hint plan, for one model pair."""
     with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
         cfg = to_config(compose("train", overrides=overrides))
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
@@ -82,8 +86,8 @@ def setup(overrides, device, tb_dir):
     plans = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
     regressors = make_regressors(plans).to(device)
     teacher, student = maybe_compile(teacher, cfg), maybe_compile(student, cfg)
-    s = Session(student, teacher, regressors, cfg, cfg.recipe.student, device, SummaryWriter(tb_dir))
-    return s, plans
+    run = Run(cfg, cfg.recipe.student, device, Splits(None, None, None), None, SummaryWriter(tb_dir))
+    return run, Session(student, teacher, regressors), plans
 
 
 def sync(device):
@@ -91,39 +95,39 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def method_loss(s, plan, t, out, y):
+def method_loss(cfg, s, plan, t, out, y):
     """The stage's loss from the teacher's and the student's outputs (`plan`: the hint stage's pair, else KD)."""
     if plan:
-        return s.cfg.schedule.hint_weight * hint_loss(t[plan.hint], regress(s, plan.guided, out[plan.guided]),
-                                                      s.cfg.hints.reduction)
-    kd = s.cfg.recipe.kd
+        return cfg.schedule.hint_weight * hint_loss(t[plan.hint], regress(s, plan.guided, out[plan.guided]),
+                                                    cfg.hints.reduction)
+    kd = cfg.recipe.kd
     return kd_loss(out[None], t[None], y, kd.tau, LAM, kd.form, kd.ce_weight)[0]
 
 
-def floor_loss(s, stage, x, y):
+def floor_loss(cfg, s, stage, x, y):
     """The bare step's loss: the teacher and the student as deep as the stage needs, the loss; nothing else."""
     plan = stage.plans[0] if stage.kind == "hint" else None
     tap = plan.guided if plan else None
     with torch.no_grad():
         t = s.teacher.taps(x, [plan.hint if plan else None])
-    return method_loss(s, plan, t, s.student.taps(x, [tap]), y)
+    return method_loss(cfg, s, plan, t, s.student.taps(x, [tap]), y)
 
 
-def floor_step(s, stage, x, y, opt):
+def floor_step(run, s, stage, x, y, opt):
     """One bare step: floor_loss, backward, optimiser."""
-    with autocast(s):
-        loss = floor_loss(s, stage, x, y)
+    with autocast(run.cfg, run.device):
+        loss = floor_loss(run.cfg, s, stage, x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
 
-def conventional_loss(s, stage, x, y):
+def conventional_loss(cfg, s, stage, x, y):
     """The conventional KD-library step's loss: full teacher and student passes, features by name."""
     plan = stage.plans[0] if stage.kind == "hint" else None
     with torch.no_grad():
         t = s.teacher.taps(x, [None] + ([plan.hint] if plan else []))
-    return method_loss(s, plan, t, s.student.taps(x, [None] + ([plan.guided] if plan else [])), y)
+    return method_loss(cfg, s, plan, t, s.student.taps(x, [None] + ([plan.guided] if plan else [])), y)
 
 
 class UInt8Images(torch.utils.data.Dataset):
@@ -154,40 +158,40 @@ def params_of(s, stage):
     return [p for module in trained_modules(s, stage) for p in module.parameters()]
 
 
-def optimizer(s, stage):
+def optimizer(run, s, stage):
     """The optimiser our loop makes for the stage (the recipe's), for every loop."""
-    return make_optimizer(trained_modules(s, stage), list(s.regressors.values()), s.optim)
+    return make_optimizer(trained_modules(s, stage), list(s.regressors.values()), run.optim)
 
 
-def bench_stage(s, stage, shape, steps, batch, device, full):
+def bench_stage(run, s, stage, shape, steps, batch, device, full):
     """images/s of (a), (b) and (c) for one stage; (b) trains on the first images of `full`."""
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
-    opt = optimizer(s, stage)
+    opt = optimizer(run, s, stage)
     for _ in range(steps):                                  # warm-up
-        floor_step(s, stage, x, y, opt)
+        floor_step(run, s, stage, x, y, opt)
     sync(device)
     start = time.perf_counter()
     for _ in range(2 * steps):
-        floor_step(s, stage, x, y, opt)
+        floor_step(run, s, stage, x, y, opt)
     sync(device)
     floor = 2 * steps * batch / (time.perf_counter() - start)
 
     n = steps * batch
     train = Resident(full[:n], torch.randint(0, 10, (n,), device=device))
-    [result] = run_stages(s, [stage], train, None, epochs=[3])
+    result = train_stage(run, s, stage, train, None, 3, Progress())
     ours = n / statistics.median(h["epoch_s"] for h in result["history"][1:])   # epoch 1 warms up
 
-    aug = s.optim.augment or s.cfg.dataset.augment
+    aug = augmentation(run)
     loader = conventional_loader(shape, 3 * n, batch, aug.pad or aug.flip, aug.pad)
-    opt = optimizer(s, stage)
+    opt = optimizer(run, s, stage)
     for i, (xb, yb) in enumerate(loader):
         if i == steps:                                       # the first `steps` batches warm up
             start = time.perf_counter()
         xb, yb = xb.to(device), yb.to(device)
-        with autocast(s):
-            loss = conventional_loss(s, stage, xb, yb)
+        with autocast(run.cfg, device):
+            loss = conventional_loss(run.cfg, s, stage, xb, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -222,9 +226,8 @@ def bench_streaming(device, n: int, batch: int, workers: int, tb_dir: str) -> di
         train = load_data(cfg.dataset, cfg.data, device).train
         torch.manual_seed(0)
         net = build_network(cfg.student, cfg.dataset.in_shape, cfg.dataset.num_classes).to(device)
-        s = Session(net, None, torch.nn.ModuleDict(), cfg, cfg.recipe.student, device, SummaryWriter(tb_dir))
-        [result] = run_stages(s, [Stage("ce")], train, None, epochs=[2])
-        ours = result["history"][1]
+        run = Run(cfg, cfg.recipe.student, device, Splits(None, None, None), None, SummaryWriter(tb_dir))
+        ours = train_stage(run, Session(net), Stage("ce"), train, None, 2, Progress())["history"][1]
 
         torch.manual_seed(0)
         net = build_network(cfg.student, cfg.dataset.in_shape, cfg.dataset.num_classes).to(device)
@@ -294,13 +297,13 @@ def main():
             for layout in layouts:
                 options = [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"]
                 options += [] if layout is None else [f"channels_last={layout}"]
-                s, plans = setup(overrides + options, device, args.tb)
+                run, s, plans = setup(overrides + options, device, args.tb)
                 evaluate(s.student, Resident(held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device)),
                          1000)
                 for stage in make_stages(["hint", "kd"], plans):
-                    floor, ours, conventional = bench_stage(s, stage, shape, args.steps, args.batch, device, full)
+                    floor, ours, conventional = bench_stage(run, s, stage, shape, args.steps, args.batch, device, full)
                     results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
-                                    "amp": "bf16" if amp else "fp32", "channels_last": s.cfg.channels_last,
+                                    "amp": "bf16" if amp else "fp32", "channels_last": run.cfg.channels_last,
                                     "floor_ips": floor, "ours_ips": ours, "conventional_ips": conventional,
                                     "b_over_a": ours / floor, "b_over_c": ours / conventional})
                     console.print(results[-1])

@@ -19,11 +19,13 @@ from hydra import compose, initialize_config_module
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli import cli
-from fitnets_cli.config import to_config
-from fitnets_cli.data import Resident
+from fitnets_cli.commands import to_config
+from fitnets_cli.data import Resident, Splits
 from fitnets_cli.hints import make_regressors, plan_hints
 from fitnets_cli.models import build_net
-from fitnets_cli.train import Session
+from fitnets_cli.loop import Run, train_stage
+from fitnets_cli.resume import Progress
+from fitnets_cli.stages import Session
 
 
 def make_config(config_name: str = "train", overrides=()):
@@ -178,16 +180,36 @@ def write_svhn(root: Path, rng) -> None:
 
 
 def mnist_session(make_config, tmp_path: Path, overrides=()):
-    """A training session of the MNIST FitNet and an untrained MNIST teacher, with its hint plans;
-    `make_config` composes the config (the fixture of that name, or the function here)."""
+    """A run without a directory or data, and a session of the MNIST FitNet with an untrained MNIST teacher,
+    with its hint plans; `make_config` composes the config (the fixture of that name, or the function here)."""
     cfg = make_config("train", ["dataset=mnist", "student=fitnet_mnist", *overrides])
     torch.manual_seed(0)
     teacher = build_net(cfg.teacher.layers, (1, 28, 28), 10, init_range=0.05).eval().requires_grad_(False)
     student = build_net(cfg.student.layers, (1, 28, 28), 10, init_range=0.05)
     plans = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
-    regressors = make_regressors(plans)
-    s = Session(student, teacher, regressors, cfg, cfg.recipe.student, torch.device("cpu"), SummaryWriter(tmp_path))
-    return s, plans
+    return tiny_run(cfg, tmp_path), Session(student, teacher, make_regressors(plans)), plans
+
+
+def tiny_run(cfg, tmp_path: Path, device=torch.device("cpu")) -> Run:
+    """A run of `cfg`'s student recipe that keeps no checkpoint and has no test split; TensorBoard in tmp_path."""
+    return Run(cfg, cfg.recipe.student, device, Splits(None, None, None), None, SummaryWriter(tmp_path))
+
+
+def train_stages(run: Run, s: Session, stages, train, valid, epochs: list[int]) -> list[dict]:
+    """Train the stages one after another for the given epochs, as loop.fit does in one phase; their results."""
+    progress = Progress()
+    return [train_stage(run, s, stage, train, valid, n, progress) for stage, n in zip(stages, epochs)]
+
+
+def stage_of(state: dict) -> int:
+    """The stage (0-based) that a resume checkpoint stopped in or before."""
+    return len(state["progress"]["results"])
+
+
+def in_stage(state: dict) -> dict | None:
+    """The progress in a resume checkpoint written inside a stage; None for one written at a stage boundary."""
+    progress = state["progress"]
+    return progress if progress["optimizer"] is not None else None
 
 
 def random_split(n: int, seed: int) -> Resident:

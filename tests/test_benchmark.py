@@ -11,8 +11,10 @@ from fitnets_cli import zoo
 from fitnets_cli.compare import PUBLISHED
 from fitnets_cli.config import ConfigError, Network
 from fitnets_cli.data import load_data
+from fitnets_cli.hints import default_tap
 from fitnets_cli.networks import build_network, count
-from fitnets_cli.train import make_optimizer, network_lrs, set_hyper
+from fitnets_cli.loop import make_optimizer, set_hyper
+from fitnets_cli.rundir import network_lrs
 
 from helpers import failure, main
 
@@ -36,10 +38,10 @@ def test_zoo_networks_have_the_benchmarks_parameter_counts(name):
 
 @pytest.mark.parametrize("name", BENCHMARK_PARAMS)
 def test_zoo_networks_adapt_to_mnist_and_every_parameter_learns(name, make_config):
-    cfg = make_config("train", ["dataset=mnist", f"student={name}"])
+    cfg = make_config("train", ["dataset=mnist", "student=zoo", f"student.arch={name}"])
     net = build_network(cfg.student, (1, 28, 28), 10)
     first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-    assert cfg.student.guided in net.shapes and first.in_channels == 1 and net.repeat == 1
+    assert default_tap(net) in net.shapes and first.in_channels == 1 and net.repeat == 1
     net.train()
     net(torch.rand(4, 1, 28, 28)).logsumexp(1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters()), name
@@ -47,10 +49,10 @@ def test_zoo_networks_adapt_to_mnist_and_every_parameter_learns(name, make_confi
 
 def test_zoo_sizes_at_cifar_shape_through_the_seam(make_config):
     for name, shape in HINT.items():
-        cfg = make_config("train", ["dataset=cifar100_crd", f"student={name}"])
+        cfg = make_config("train", ["dataset=cifar100_crd", "student=zoo", f"student.arch={name}"])
         net = build_network(cfg.student, (3, 32, 32), 100)
-        assert net.shapes[cfg.student.guided] == shape, name
-    sizes = count(Network(name="resnet8x4", _target_="fitnets_cli.zoo.resnet8x4"), (3, 32, 32), 100)
+        assert cfg.student.guided is None and net.shapes[default_tap(net)] == shape, name
+    sizes = count(Network(source="zoo", arch="resnet8x4"), (3, 32, 32), 100)
     assert sizes["params"] == BENCHMARK_PARAMS["resnet8x4"] and sizes["mults"] == pytest.approx(177e6, rel=0.01)
 
 
@@ -58,7 +60,7 @@ def test_layers_of_a_zoo_pair_marks_the_benchmarks_hint_point():
     out = main("layers", "pair=resnet32x4-ShuffleV2", "dataset=cifar100_crd", "hints.regressor=conv_bn")
     assert re.search(r"│ layer2 +│ 16x16x128 +│ <- hint", out)
     assert re.search(r"│ layer2 +│ 8x8x232 +│ <- guided", out)
-    assert "default pair: hint layer2 (its config) <- guided layer2 (its config)" in out
+    assert "default pair: hint layer2 (the network's hint point) <- guided layer2 (the network's hint point)" in out
     assert "4x4 stride-2 transposed conv + BN + ReLU" in out
 
 
@@ -164,7 +166,7 @@ def test_a_checkpoint_in_the_benchmarks_format_loads_as_teacher_weights(tmp_path
     path = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"epoch": 240, "model": net.state_dict(), "accuracy": torch.tensor(79.42),
                 "optimizer": opt.state_dict()}, path)
-    cfg = make_config("train", ["dataset=cifar100_crd", "teacher=resnet8x4", f"teacher.weights={path}"])
+    cfg = make_config("train", ["dataset=cifar100_crd", "teacher=zoo", "teacher.arch=resnet8x4", f"teacher.weights={path}"])
     teacher = build_network(cfg.teacher, (3, 32, 32), 100).eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(teacher(x), net.eval()(x))

@@ -4,9 +4,11 @@ from importlib import resources
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from fitnets_cli import zoo
 from fitnets_cli.config import ConfigError
 from fitnets_cli.hints import plan_hints
 from fitnets_cli.networks import build_network
+from helpers import failure
 
 
 def options(group):
@@ -25,11 +27,12 @@ def test_the_groups_hold_the_issue_options():
     assert options("dataset") == ["cifar10", "cifar100", "cifar100_crd", "imagefolder", "imagenet", "mnist",
                                   "mnist_subset", "svhn", "torchvision"]
     assert options("schedule") == ["backprop", "crd_fitnet", "fitnets", "hint_joint", "kd"]
-    zoo = {"resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_1",
-           "wrn_40_2", "vgg8", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"}
-    assert {"maxout", "torchvision", "module"} | zoo == set(options("teacher")) and zoo <= set(options("student"))
+    assert set(zoo.NETWORKS) == {"resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_2",
+                                 "wrn_40_1", "wrn_40_2", "vgg8", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2",
+                                 "ResNet50"}
+    assert {"maxout", "torchvision", "module", "zoo"} == set(options("teacher"))
     assert len(options("pair")) == 13
-    assert {"torchvision", "module"} <= set(options("student"))
+    assert {"torchvision", "module", "zoo"} <= set(options("student"))
     assert {"fitnet1", "fitnet2", "fitnet3", "fitnet4", "fitnet_mnist", "depth5_30m", "depth11_107m"} <= set(options("student"))
     assert options("recipe") == options("dataset")
 
@@ -46,7 +49,7 @@ def test_every_dataset_composes_with_its_recipe_and_teacher(make_config, dataset
 
 
 def test_the_imagenet_recipe_is_torchvisions_reference_and_its_lr_scales_with_the_global_batch(make_config):
-    from fitnets_cli.train import make_optimizer, set_hyper
+    from fitnets_cli.loop import make_optimizer, set_hyper
     from torch import nn
 
     cfg = make_config("train", ["dataset=imagenet", "teacher=torchvision", "teacher.arch=resnet34",
@@ -82,7 +85,7 @@ def test_image_file_datasets_compose_with_their_recipe(make_config, dataset):
     assert cfg.dataset.in_shape is None and cfg.recipe.student.lr_batch == 256   # the shape comes from the files
 
 
-@pytest.mark.parametrize("student", [s for s in options("student") if s not in ("torchvision", "module")])
+@pytest.mark.parametrize("student", [s for s in options("student") if s not in ("torchvision", "module", "zoo")])
 def test_every_paper_student_composes_and_its_paper_hint_pair_plans(make_config, student):
     dataset = student_dataset(student)
     cfg = make_config("train", [f"student={student}", f"dataset={dataset}"])
@@ -90,6 +93,33 @@ def test_every_paper_student_composes_and_its_paper_hint_pair_plans(make_config,
     teacher = build_network(cfg.teacher, shape, 10)
     [plan] = plan_hints(teacher, build_network(cfg.student, shape, 10), cfg.hints.pairs, cfg.hints)
     assert plan.guided == cfg.student.guided and plan.hint == "conv2"
+
+
+# The benchmark's feat[2] of each zoo network (RepDistiller's --hint_layer default), by the name of our tap.
+HINT_POINTS = {"wrn_16_2": "block2", "wrn_40_1": "block2", "wrn_40_2": "block2", "vgg8": "block2", "vgg13": "block2",
+               "MobileNetV2": "blocks.2"}
+
+
+@pytest.mark.parametrize("arch", sorted(zoo.NETWORKS))
+def test_every_zoo_network_composes_as_a_student_and_plans_from_its_hint_point(make_config, arch):
+    cfg = make_config("train", ["student=zoo", f"student.arch={arch}", "dataset=cifar10"])
+    teacher, student = (build_network(net, cfg.dataset.in_shape, 10) for net in (cfg.teacher, cfg.student))
+    [plan] = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
+    assert plan.guided == student.hint_point == HINT_POINTS.get(arch, "layer2") and plan.hint == "conv2"
+
+
+@pytest.mark.parametrize("command, override, says", [
+    ("train", "format=csv", "; format belongs to `fitnets compare`, not to `fitnets train`: drop it, or run that"),
+    ("eval", "recipe.student.lr=0.1", "recipe belongs to `fitnets train` and `fitnets train-teacher`, not to `fitnets eval`"),
+    ("eval", "schedule=kd", "defaults list; schedule belongs to `fitnets train`, not to `fitnets eval`"),
+    ("train-teacher", "student=fitnet4", "student belongs to `fitnets train` and `fitnets layers`"),
+    ("compare", "resume=x", "resume belongs to `fitnets train` and `fitnets train-teacher`"),
+    ("layers", "+format=csv", "`fitnets layers` has no key format; format belongs to `fitnets compare`"),
+    ("train", "+bogus=1", "`fitnets train` has no key bogus; see its keys with `fitnets train --cfg job`"),
+])
+def test_a_key_of_another_command_is_refused_naming_the_command_it_belongs_to(tmp_path, command, override, says):
+    assert says in failure(command, override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("schedule", options("schedule"))

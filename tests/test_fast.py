@@ -8,7 +8,8 @@ import torch
 import torchvision.transforms as T
 
 from fitnets_cli.data import augment
-from fitnets_cli.train import autocast, batch_targets, make_stages, stage_loss, teacher_cache
+from fitnets_cli.loop import augmentation
+from fitnets_cli.stages import autocast, batch_targets, make_stages, stage_loss, teacher_cache
 
 from helpers import mnist_session, random_split
 
@@ -17,11 +18,11 @@ import bench  # noqa: E402
 
 
 def test_cached_teacher_outputs_equal_live_ones(make_config, tmp_path):
-    s, plans = mnist_session(make_config, tmp_path)
+    run, s, plans = mnist_session(make_config, tmp_path)
     data = random_split(300, 0)
     x = data.x
     for stage in make_stages(["hint", "kd"], plans):
-        cache = teacher_cache(s, stage, data, "train")
+        cache = teacher_cache(run.cfg, s, stage, data, False)
         assert cache is not None
         idx = torch.tensor([5, 17, 299, 0])
         live = batch_targets(s, stage, x[idx], None, idx)
@@ -34,13 +35,13 @@ def test_cached_teacher_outputs_equal_live_ones(make_config, tmp_path):
 def test_cached_teacher_outputs_equal_live_ones_under_bf16(make_config, tmp_path):
     # The cache is filled under the same autocast as live teacher passes: results must not depend on whether
     # the teacher's outputs fit in memory.
-    s, plans = mnist_session(make_config, tmp_path, ["amp=true"])
+    run, s, plans = mnist_session(make_config, tmp_path, ["amp=true"])
     data = random_split(64, 0)
     x = data.x
     idx = torch.tensor([5, 17, 63, 0])
     for stage in make_stages(["hint", "kd"], plans):
-        cache = teacher_cache(s, stage, data, "train")
-        with autocast(s):
+        cache = teacher_cache(run.cfg, s, stage, data, False)
+        with autocast(run.cfg, run.device):
             live = batch_targets(s, stage, x[idx], None, idx)
         for k, cached in batch_targets(s, stage, x[idx], cache, idx).items():
             assert cached.dtype == live[k].dtype == torch.bfloat16
@@ -48,16 +49,16 @@ def test_cached_teacher_outputs_equal_live_ones_under_bf16(make_config, tmp_path
 
 
 def test_caching_switches_off_with_augmentation_or_when_asked(make_config, tmp_path):
-    s, plans = mnist_session(make_config, tmp_path, ["dataset.augment.flip=true"])
+    run, s, plans = mnist_session(make_config, tmp_path, ["dataset.augment.flip=true"])
     [kd] = make_stages(["kd"], plans)
     data = random_split(32, 0)
-    assert teacher_cache(s, kd, data, "train") is None          # each step's view differs: never cache
-    assert teacher_cache(s, kd, data, "valid") is not None      # validation images are never augmented
-    s, plans = mnist_session(make_config, tmp_path, ["teacher_cache=false"])
-    assert teacher_cache(s, make_stages(["kd"], plans)[0], data, "train") is None
-    s, plans = mnist_session(make_config, tmp_path, ["teacher_cache_gb=0.000001"])
-    assert teacher_cache(s, make_stages(["kd"], plans)[0], data, "train") is None
-    assert teacher_cache(s, make_stages(["ce"], plans)[0], data, "train") is None   # backprop needs no teacher
+    assert teacher_cache(run.cfg, s, kd, data, augmentation(run).random) is None   # each step's view differs: never
+    assert teacher_cache(run.cfg, s, kd, data, False) is not None   # validation images are never augmented
+    run, s, plans = mnist_session(make_config, tmp_path, ["teacher_cache=false"])
+    assert teacher_cache(run.cfg, s, make_stages(["kd"], plans)[0], data, False) is None
+    run, s, plans = mnist_session(make_config, tmp_path, ["teacher_cache_gb=0.000001"])
+    assert teacher_cache(run.cfg, s, make_stages(["kd"], plans)[0], data, False) is None
+    assert teacher_cache(run.cfg, s, make_stages(["ce"], plans)[0], data, False) is None   # backprop needs no teacher
 
 
 def loss_and_grads(loss, params):
@@ -68,15 +69,15 @@ def test_the_benchmarks_three_loops_do_the_same_work_on_the_same_batch(make_conf
     """(a) the bare step, (b) our loop's step, with and without the teacher cache, and (c) the conventional
     step give the same loss and the same gradients for the same weights and batch: the benchmark's ratios
     compare the same work."""
-    s, plans = mnist_session(make_config, tmp_path)
+    run, s, plans = mnist_session(make_config, tmp_path)
     data = random_split(16, 3)
     x, y = data.x, data.y
     for stage in make_stages(["hint", "kd"], plans):
         params = bench.params_of(s, stage)
-        cache = teacher_cache(s, stage, data, "train")
+        cache = teacher_cache(run.cfg, s, stage, data, False)
         ours = {"live": batch_targets(s, stage, x, None, None), "cached": batch_targets(s, stage, x, cache, torch.arange(16))}
-        steps = {"floor": bench.floor_loss(s, stage, x, y), "conventional": bench.conventional_loss(s, stage, x, y)}
-        steps |= {f"ours {k}": stage_loss(s, stage, x, y, bench.LAM, targets)[0] for k, targets in ours.items()}
+        steps = {"floor": bench.floor_loss(run.cfg, s, stage, x, y), "conventional": bench.conventional_loss(run.cfg, s, stage, x, y)}
+        steps |= {f"ours {k}": stage_loss(run.cfg, s, stage, x, y, bench.LAM, targets)[0] for k, targets in ours.items()}
         expected_loss, expected_grads = loss_and_grads(steps.pop("floor"), params)
         assert len(expected_grads) == len(params) > 0 and all(g.abs().sum() > 0 for g in expected_grads)
         for name, loss in steps.items():
@@ -99,10 +100,10 @@ def test_amp_trains_under_bf16_on_cpu_with_float32_losses(make_config, tmp_path)
     x, y = data.x, data.y
     losses = {}
     for amp in (False, True):
-        s, plans = mnist_session(make_config, tmp_path, [f"amp={amp}"])
+        run, s, plans = mnist_session(make_config, tmp_path, [f"amp={amp}"])
         for stage in make_stages(["hint", "kd"], plans):
-            with autocast(s):
-                loss, _, _ = stage_loss(s, stage, x, y, 4.0, batch_targets(s, stage, x, None, None))
+            with autocast(run.cfg, run.device):
+                loss, _, _ = stage_loss(run.cfg, s, stage, x, y, 4.0, batch_targets(s, stage, x, None, None))
                 assert s.student(x).dtype == (torch.bfloat16 if amp else torch.float32)
             assert loss.dtype == torch.float32
             losses[amp, stage.kind] = loss.item()

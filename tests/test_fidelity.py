@@ -15,7 +15,7 @@ import torchvision
 import fitnets_cli
 from fitnets_cli import config
 from fitnets_cli.data import load_data
-from fitnets_cli.train import set_hyper
+from fitnets_cli.loop import set_hyper
 
 from helpers import call, failure
 

@@ -16,8 +16,9 @@ import torchvision
 from PIL import Image
 
 from fitnets_cli.data import Resident, held_out, load_data
-from fitnets_cli.images import Streamed, crop_box, resolve
-from helpers import (failure, main, make_config, signal_when, start, without_timing, write_image_folder,
+from fitnets_cli.images import resolve
+from fitnets_cli.streaming import Streamed, crop_box
+from helpers import (failure, in_stage, main, make_config, signal_when, start, without_timing, write_image_folder,
                      write_tiny_mnist)
 from test_scale import TORCHRUN, numbers
 
@@ -49,7 +50,7 @@ def metrics(run: Path) -> dict:
 
 def test_an_image_folder_trains_end_to_end_streamed_with_a_torchvision_teacher(folder, tmp_path):
     run = tmp_path / "run"
-    out = main("train", "dataset=imagefolder", f"data.root={folder[0]}", *teacher(folder), "student=resnet8x4",
+    out = main("train", "dataset=imagefolder", f"data.root={folder[0]}", *teacher(folder), "student=zoo", "student.arch=resnet8x4",
                *SHORT, "schedule=fitnets", f"hydra.run.dir={run}")
     assert "decoding" not in out and "teacher outputs computed once" not in out   # streamed; the teacher ran live
     assert "the training images come in 2 sizes; inputs are 12x12" in out
@@ -147,11 +148,11 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_on_the_same_images(folder, tmp
     main("train", *args, f"hydra.run.dir={reference}")
     run = tmp_path / "run"
     proc = start("train", *args, f"hydra.run.dir={run}")
-    signal_when(proc, run / "checkpoints" / "last.pt", lambda s: s["at"] and s["at"]["epoch"] >= 1, signal.SIGTERM)
+    signal_when(proc, run / "checkpoints" / "last.pt", lambda s: in_stage(s) and in_stage(s)["epoch"] >= 1, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert state["at"]["batch"] > 0 and state["at"]["seed"] != 0          # inside an epoch, crops seeded
+    assert in_stage(state)["batch"] > 0 and in_stage(state)["seed"] != 0   # inside an epoch, crops seeded
     main("train", f"resume={run}")
     history = lambda m: without_timing([h for s in m["stages"] for h in s["history"]])
     assert history(metrics(reference)) == history(metrics(run)) and metrics(reference)["test"] == metrics(run)["test"]
@@ -218,6 +219,27 @@ def test_bad_image_folders_stop_in_one_line_before_anything_is_written(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def without_val(root: Path, drop: int = 0) -> Path:
+    """The folder less its val/ (validation is then held out of train/) and less `drop` images of class0."""
+    shutil.rmtree(root / "val")
+    for path in sorted((root / "train" / "class0").iterdir())[:drop]:
+        path.unlink()
+    return root
+
+
+@pytest.mark.parametrize("classes, per_class, drop, args, says", [
+    (3, 2, 0, [], "dataset.valid_size=0.1 holds out no image of the 6 in train/ (classes of 2 to 2 images)"),
+    (3, 2, 1, ["dataset.valid_size=3"], "would hold out 1 of the 1 image(s) of class 'class0', leaving none"),
+    (1, 8, 0, [], "holds one class (class0); a classifier needs two or more class folders"),
+])
+def test_a_folder_too_small_for_its_validation_share_stops_in_one_line(tmp_path, classes, per_class, drop, args, says):
+    root = without_val(write_image_folder(tmp_path / "data", classes, (per_class, 1)), drop)
+    line = failure("train", "dataset=imagefolder", f"data.root={root}", *STUDENT, *args,
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert says in line, line
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_truncated_image_stops_the_run_naming_it_or_is_skipped_and_counted(tmp_path):
     def truncate(root):
         path = root / "train" / "class0" / "1.jpg"
@@ -241,9 +263,10 @@ def test_resident_true_with_resized_crops_is_refused(folder, tmp_path):
 
 def test_a_fraction_holds_out_the_same_share_of_every_class():
     labels = torch.tensor([0] * 30 + [1] * 10)[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
-    keep, held = held_out(labels, 0.1, 2, seed=0)
+    keep, held = held_out(labels, 0.1, ["a", "b"], seed=0)
     assert torch.bincount(labels[held]).tolist() == [3, 1] and len(keep) == 36
-    assert torch.equal(held, held_out(labels, 0.1, 2, seed=0)[1]) and not torch.equal(held, held_out(labels, 0.1, 2, 1)[1])
+    classes = ["a", "b"]
+    assert torch.equal(held, held_out(labels, 0.1, classes, 0)[1]) and not torch.equal(held, held_out(labels, 0.1, classes, 1)[1])
 
 
 def test_random_resized_crops_are_drawn_like_torchvisions_from_the_seed_alone():

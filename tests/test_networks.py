@@ -9,17 +9,18 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli.checkpoint import FORMAT
-from fitnets_cli.config import KD, Config, Dataset, HintPair, Hints, Network, Optim, Recipe, Schedule
+from fitnets_cli.commands import TrainConfig
+from fitnets_cli.config import KD, Dataset, HintPair, Hints, Network, Optim, Recipe, Schedule
 from fitnets_cli.data import Resident
 from fitnets_cli.hints import default_tap, make_regressors, plan_hints
 from fitnets_cli.losses import hint_loss, kd_loss
 from fitnets_cli.networks import build_network
-from fitnets_cli.train import Session, make_stages, run_stages, stage_loss
+from fitnets_cli.stages import Session, make_stages, stage_loss
 
-from helpers import call, failure, signal_when, start, tiny_overrides, without_timing, write_tiny_mnist
+from helpers import (call, failure, in_stage, signal_when, start, tiny_overrides, tiny_run, train_stages, without_timing,
+                     write_tiny_mnist)
 
 USER_NET = '''
 import torch.nn.functional as F
@@ -152,23 +153,22 @@ def tiny_resnet_session(tmp_path, teacher_arch="resnet18"):
     student = build_network(Network(name="s", arch="resnet18"), (3, 16, 16), 10)
     plans = plan_hints(teacher, student, hints.pairs, hints)
 
-    cfg = Config(command="train", hints=hints, schedule=Schedule(name="crd_fitnet", stages=["joint"], hint_weight=100.0),
-                 recipe=Recipe(student=Optim(lr=0.1, optimizer="sgd"), teacher=Optim(lr=0.1), kd=KD()),
-                 dataset=Dataset(name="x", family="x", num_classes=10, in_shape=[3, 16, 16], valid_size=0),
-                 teacher_cache=False)
-    s = Session(student, teacher, make_regressors(plans), cfg, cfg.recipe.student, torch.device("cpu"),
-                SummaryWriter(tmp_path))
-    return s, plans
+    cfg = TrainConfig(command="train", hints=hints,
+                      schedule=Schedule(name="crd_fitnet", stages=["joint"], hint_weight=100.0),
+                      recipe=Recipe(student=Optim(lr=0.1, optimizer="sgd"), teacher=Optim(lr=0.1), kd=KD()),
+                      dataset=Dataset(name="x", family="x", num_classes=10, in_shape=[3, 16, 16], valid_size=0),
+                      teacher_cache=False)
+    return tiny_run(cfg, tmp_path), Session(student, teacher, make_regressors(plans)), plans
 
 
 def test_stage_one_changes_only_what_the_guided_tap_depends_on(tmp_path):
-    s, plans = tiny_resnet_session(tmp_path)
+    run, s, plans = tiny_resnet_session(tmp_path)
     assert [p.guided for p in plans] == ["layer2"] and default_tap(s.student) == "layer2"
     before = {k: v.clone() for k, v in s.student.state_dict().items()}
     teacher = {k: v.clone() for k, v in s.teacher.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     data = Resident(torch.rand(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
-    run_stages(s, make_stages(["hint"], plans), data, None, epochs=[1])
+    train_stages(run, s, make_stages(["hint"], plans), data, None, [1])
     changed = {k for k, v in s.student.state_dict().items() if not torch.equal(v, before[k])}
     upto = ("model.conv1.", "model.bn1.", "model.layer1.", "model.layer2.")
     # every weight and running statistic up to layer2 moved (num_batches_tracked too); nothing after it
@@ -180,11 +180,11 @@ def test_crd_fitnet_loss_is_ce_plus_100_mse_through_conv_bn(tmp_path, make_confi
     cfg = make_config("train", ["schedule=crd_fitnet"])
     assert (cfg.schedule.stages, cfg.schedule.hint_weight, cfg.hints.regressor, cfg.hints.reduction) == \
         (["joint"], 100.0, "conv_bn", "mse")
-    s, plans = tiny_resnet_session(tmp_path, teacher_arch="resnet34")
+    run, s, plans = tiny_resnet_session(tmp_path, teacher_arch="resnet34")
     [stage] = make_stages(["joint"], plans)
     x, y = torch.rand(4, 3, 16, 16), torch.tensor([1, 2, 3, 4])
     target = s.teacher.taps(x, ["layer2"])["layer2"]
-    loss, terms, logits = stage_loss(s, stage, x, y, 0.0, {"layer2": target})
+    loss, terms, logits = stage_loss(run.cfg, s, stage, x, y, 0.0, {"layer2": target})
     regressor = s.regressors["layer2"]
     assert [type(m).__name__ for m in regressor] == ["Conv2d", "BatchNorm2d", "ReLU"]
     guided = s.student.taps(x, ["layer2"])["layer2"]
@@ -234,7 +234,7 @@ def test_a_user_module_run_resumes_exactly_after_a_kill(world, tmp_path):
             "deterministic=true"]
     call("train", *args, f"hydra.run.dir={tmp_path / 'reference'}")
     proc = start("train", *args, f"hydra.run.dir={tmp_path / 'run'}")
-    signal_when(proc, tmp_path / "run" / "checkpoints" / "last.pt", lambda st: st["at"] is not None and st["at"]["epoch"] >= 2, signal.SIGKILL)
+    signal_when(proc, tmp_path / "run" / "checkpoints" / "last.pt", lambda st: in_stage(st) and in_stage(st)["epoch"] >= 2, signal.SIGKILL)
     proc.communicate(timeout=300)
     assert proc.returncode == -9 and not (tmp_path / "run" / "metrics.json").exists()
     call("train", f"resume={tmp_path / 'run'}")

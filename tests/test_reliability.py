@@ -18,7 +18,7 @@ from fitnets_cli import checkpoint
 from fitnets_cli.checkpoint import DiskFull, atomic_write, write_json
 from fitnets_cli.compare import load_student
 from fitnets_cli.models import build_net
-from helpers import call, failure, main, signal_when, start, without_timing
+from helpers import call, failure, in_stage, main, signal_when, stage_of, start, without_timing
 
 # Five epochs a stage leave room to stop a run in stage 1, at the boundary and in stage 2.
 RUN = ["student=fitnet_mnist", "schedule=fitnets", "recipe.student.max_epochs=5", "recipe.student.batch_size=8",
@@ -66,25 +66,25 @@ def interrupt_when(setup, tmp_path, condition, sig, extra=()):
 
 
 def test_sigterm_in_stage_one_checkpoints_mid_epoch_and_resumes_exactly(setup, tmp_path):
-    run, rc, err = interrupt_when(setup, tmp_path, lambda s: s["stage"] == 0 and s["at"] and s["at"]["epoch"] >= 2,
+    run, rc, err = interrupt_when(setup, tmp_path, lambda s: stage_of(s) == 0 and in_stage(s) and in_stage(s)["epoch"] >= 2,
                                   signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM
     assert f"Resume with: fitnets train resume={run}" in err
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert state["stage"] == 0 and state["at"]["batch"] > 0            # inside an epoch
+    assert stage_of(state) == 0 and in_stage(state)["batch"] > 0       # inside an epoch
     call("train", f"resume={run}")
     assert_same_run(setup.reference, run)
 
 
 def test_sigkill_at_the_stage_boundary_resumes_exactly(setup, tmp_path):
-    run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["stage"] == 1 and s["at"] is None, signal.SIGKILL)
+    run, rc, _ = interrupt_when(setup, tmp_path, lambda s: stage_of(s) == 1 and not in_stage(s), signal.SIGKILL)
     assert rc == -signal.SIGKILL
     call("train", f"resume={run}")
     assert_same_run(setup.reference, run)
 
 
 def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(setup, tmp_path):
-    run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["stage"] == 1 and s["at"] and s["at"]["epoch"] >= 3,
+    run, rc, _ = interrupt_when(setup, tmp_path, lambda s: stage_of(s) == 1 and in_stage(s) and in_stage(s)["epoch"] >= 3,
                                 signal.SIGKILL)
     assert rc == -signal.SIGKILL
     call("train", f"resume={run}")
@@ -100,7 +100,7 @@ def test_a_kill_while_retraining_with_augmentation_resumes_exactly(setup, tmp_pa
     extra = ["recipe.retrain_full=true", "dataset.augment.flip=true", "dataset.augment.pad=2",
              "recipe.student.max_epochs=4", "recipe.student.patience=4"]
     call("train", *base, *RUN, *extra, f"hydra.run.dir={tmp_path / 'reference'}")
-    run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["phase"] == 1 and s["at"] and s["at"]["epoch"] >= 1,
+    run, rc, _ = interrupt_when(setup, tmp_path, lambda s: s["progress"]["phase"] == 1 and in_stage(s) and in_stage(s)["epoch"] >= 1,
                                 signal.SIGKILL, extra)
     assert rc == -signal.SIGKILL
     call("train", f"resume={run}")
@@ -176,7 +176,7 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes_from_its_last_checkpo
     assert line.endswith(f"continue the run with: fitnets train resume={run}")
     assert checkpoint_files(run) == ["last.pt"]                       # no temporary file left behind
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert (state["stage"], state["at"]["epoch"], state["at"]["batch"]) == (0, 1, 0)   # after the first epoch
+    assert (stage_of(state), in_stage(state)["epoch"], in_stage(state)["batch"]) == (0, 1, 0)   # after epoch 0
     tmpfs(4096)
     call("train", f"resume={run}")
     assert [s["epochs"] for s in json.loads((run / "metrics.json").read_text())["stages"]] == [3]
@@ -200,7 +200,7 @@ def test_a_write_that_finds_no_space_reports_it_and_keeps_the_previous_file(setu
     assert f"the disk is full: could not write {run / 'checkpoints' / 'last.pt'} (" in line
     assert "it needs more than 17 bytes" in line and line.endswith(f"fitnets train resume={run}")
     assert checkpoint_files(run) == ["last.pt"]
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["at"]["epoch"] == 1
+    assert in_stage(torch.load(run / "checkpoints" / "last.pt", weights_only=True))["epoch"] == 1
 
 
 def test_torchs_errno_less_write_failure_is_told_from_other_errors_by_the_free_space(tmp_path, monkeypatch):
@@ -236,7 +236,8 @@ def files_of(*paths):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["student=fitnet99"], "Available options in 'student': MobileNetV2"),
+    (["student=fitnet99"], "Available options in 'student': depth11_107m"),
+    (["teacher=resnet32x4"], "the CIFAR-100 benchmark's networks are teacher=zoo teacher.arch=resnet32x4"),
     (["recipe.student.lrr=1"], "Key 'lrr' not in 'Optim'"),
     (["recipe.student.batch_size=big"], "could not be converted to Integer"),
     (["recipe.student.max_epochs=0"], "max_epochs must be > 0"),
@@ -284,14 +285,14 @@ def test_provenance_of_a_source_tree_that_was_never_installed(monkeypatch, make_
     # Runs started with PYTHONPATH=src have no fitnets-cli metadata; they must still finish.
     from importlib.metadata import PackageNotFoundError
 
-    from fitnets_cli import train
+    from fitnets_cli import rundir
 
     def fake_version(package):
         if package == "fitnets-cli":
             raise PackageNotFoundError(package)
         return version(package)
 
-    monkeypatch.setattr(train, "version", fake_version)
-    made = train.provenance(make_config("train", ["dataset=mnist_subset", "student=fitnet_mnist"]))
+    monkeypatch.setattr(rundir, "version", fake_version)
+    made = rundir.provenance(make_config("train", ["dataset=mnist_subset", "student=fitnet_mnist"]))
     assert made["versions"]["fitnets-cli"] is None
     assert made["versions"]["torch"] == version("torch")

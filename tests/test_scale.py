@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import call, main, signal_when, start
+from helpers import call, in_stage, main, signal_when, stage_of, start
 
 # SGD: its update is linear in the gradient, so one process and two ranks stay within float rounding of
 # each other (RMSProp divides by tiny early gradients and amplifies rounding until the runs drift apart).
@@ -88,7 +88,7 @@ def test_a_distributed_run_resumes_after_sigterm(runs, tmp_path):
     run = tmp_path / "run"
     proc = start("train", *base, *RUN, f"hydra.run.dir={run}", cwd=tmp_path, command=TORCHRUN)
     # torchrun passes the signal on to both ranks
-    signal_when(proc, run / "checkpoints" / "last.pt", lambda s: s["stage"] == 0 and s["at"] and s["at"]["epoch"] >= 1,
+    signal_when(proc, run / "checkpoints" / "last.pt", lambda s: stage_of(s) == 0 and in_stage(s) and in_stage(s)["epoch"] >= 1,
                 signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and not (run / "metrics.json").exists(), out + err

@@ -4,8 +4,8 @@ import torch
 from fitnets_cli.config import ConfigError, HintPair
 from fitnets_cli.hints import make_regressors, plan_hints, regressor_params
 from fitnets_cli.models import build_net
-from fitnets_cli.train import make_stages, run_stages
-from helpers import mnist_session, random_split
+from fitnets_cli.stages import evaluate_stage, make_stages
+from helpers import mnist_session, random_split, train_stages
 
 
 def snapshot(module):
@@ -17,9 +17,9 @@ def changed(before, module):
 
 
 def test_stage_one_trains_only_the_guided_part_and_the_regressor(make_config, tmp_path):
-    s, plans = mnist_session(make_config, tmp_path)
+    run, s, plans = mnist_session(make_config, tmp_path)
     student, teacher, regressor = snapshot(s.student), snapshot(s.teacher), snapshot(s.regressors)
-    run_stages(s, make_stages(["hint"], plans), random_split(64, 0), None, epochs=[2])
+    train_stages(run, s, make_stages(["hint"], plans), random_split(64, 0), None, [2])
     moved = changed(student, s.student)
     assert {k.split(".")[1] for k in moved} == {"conv1", "conv2", "conv3", "conv4"}
     assert not changed(teacher, s.teacher)
@@ -28,22 +28,21 @@ def test_stage_one_trains_only_the_guided_part_and_the_regressor(make_config, tm
 
 def test_hand_off_keeps_the_best_stage_one_weights_and_stage_two_trains_the_whole_student(make_config, tmp_path):
     # A large LR makes validation loss bounce, so the best epoch is not the last one.
-    s, plans = mnist_session(make_config, tmp_path, ["recipe.student.lr=0.01", "recipe.student.patience=50"])
+    run, s, plans = mnist_session(make_config, tmp_path, ["recipe.student.lr=0.01", "recipe.student.patience=50"])
     valid = random_split(64, 1)
-    [hint] = run_stages(s, make_stages(["hint"], plans), random_split(64, 0), valid, epochs=[4])
+    [hint] = train_stages(run, s, make_stages(["hint"], plans), random_split(64, 0), valid, [4])
     losses = [r["valid_hint"] for r in hint["history"]]
     assert hint["best_epoch"] == losses.index(min(losses)) != len(losses) - 1
-    from fitnets_cli.train import evaluate_stage
-    assert evaluate_stage(s, make_stages(["hint"], plans)[0], valid)["hint"] == pytest.approx(min(losses), rel=1e-5)
+    assert evaluate_stage(run.cfg, s, make_stages(["hint"], plans)[0], valid)["hint"] == pytest.approx(min(losses), rel=1e-5)
     student, regressor = snapshot(s.student), snapshot(s.regressors)
-    run_stages(s, make_stages(["kd"], plans), random_split(64, 0), None, epochs=[1])
+    train_stages(run, s, make_stages(["kd"], plans), random_split(64, 0), None, [1])
     assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.layers)
     assert not changed(regressor, s.regressors)
 
 
 def test_retraining_without_validation_runs_the_given_epochs(make_config, tmp_path):
-    s, plans = mnist_session(make_config, tmp_path)
-    results = run_stages(s, make_stages(["hint", "kd"], plans), random_split(32, 0), None, epochs=[2, 3])
+    run, s, plans = mnist_session(make_config, tmp_path)
+    results = train_stages(run, s, make_stages(["hint", "kd"], plans), random_split(32, 0), None, [2, 3])
     assert [r["epochs"] for r in results] == [2, 3]
     assert [r["lam"] for r in results[1]["history"]] == [4.0, pytest.approx(4 - 3 / 149), pytest.approx(4 - 6 / 149)]
 
@@ -92,9 +91,9 @@ def test_identical_shapes_need_no_regressor(make_config, tmp_path):
 
 
 def test_joint_stage_trains_the_whole_student_and_the_regressor_together(make_config, tmp_path):
-    s, plans = mnist_session(make_config, tmp_path, ["schedule=hint_joint"])
+    run, s, plans = mnist_session(make_config, tmp_path, ["schedule=hint_joint"])
     student, teacher, regressor = snapshot(s.student), snapshot(s.teacher), snapshot(s.regressors)
-    [result] = run_stages(s, make_stages(["joint"], plans), random_split(64, 0), None, epochs=[1])
+    [result] = train_stages(run, s, make_stages(["joint"], plans), random_split(64, 0), None, [1])
     assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.layers)
     assert changed(regressor, s.regressors) == set(regressor) and not changed(teacher, s.teacher)
     assert {"train_ce", "train_hint", "train_acc"} <= set(result["history"][0])

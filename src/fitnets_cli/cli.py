@@ -1,6 +1,7 @@
 """The `fitnets` entry point: `fitnets COMMAND [hydra overrides...]`."""
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from rich.markup import escape
 
-from fitnets_cli.config import ConfigError, to_config
+from fitnets_cli.commands import elsewhere, to_config
+from fitnets_cli.config import ConfigError
 from fitnets_cli.ui import console, errors
 
 # command -> (primary config in conf/, what it does, module:function that runs it)
@@ -94,9 +96,19 @@ def precheck(command: str, args: list[str]) -> list[str]:
         if "Interpolation key 'variants." in one_line(err):
             hint = ("; teacher=maxout has variants for dataset.family mnist, cifar and svhn only: set "
                     "dataset.family to one of them, or use teacher=torchvision or teacher=module")
-        errors.print(f"[bold red]error:[/] {escape(one_line(err) + hint)}")
+        refused = re.search(r"Could not override '(\w+)[.'].*(?:not in '\w+Config'|No match in the defaults list)",
+                            one_line(err))
+        if refused:
+            hint = elsewhere(refused[1], command)
+        missing = re.search(r"Could not find '(teacher|student)/(\w+)'", one_line(err))
+        if missing:
+            from fitnets_cli.zoo import NETWORKS   # torch loads here, on this error only
+            if missing[2] in NETWORKS:
+                hint = (f"; the CIFAR-100 benchmark's networks are {missing[1]}=zoo {missing[1]}.arch={missing[2]}"
+                        f" (or pair=TEACHER-STUDENT)")
+        errors.print(f"[bold red]error:[/] {escape(one_line(err).rstrip('.') + hint if hint else one_line(err))}")
         sys.exit(2)
-    if config.resume:
+    if getattr(config, "resume", None):
         if not (Path(config.resume) / "config_resolved.yaml").is_file():
             fail(f"resume={config.resume} is not a fitnets run directory (no config_resolved.yaml); pass the "
                  "directory of the run to continue")
@@ -126,7 +138,7 @@ def distributed(command: str, args: list[str]) -> list[str]:
         console.quiet = errors.quiet = True
     if any(a in ("-m", "--multirun") for a in args):
         fail("-m (multirun) cannot run under torchrun, whose processes train one run together; launch one "
-             "torchrun per run, or sweep with hydra/launcher=joblib or submitit_slurm (see README, Scaling out)")
+             "torchrun per run, or sweep with hydra/launcher=joblib or submitit_slurm (see docs/scaling.md)")
     if command == "compare":
         fail("compare runs in one process; start it with `fitnets compare ...`, not torchrun")
     dist.init()
@@ -148,7 +160,7 @@ def distributed(command: str, args: list[str]) -> list[str]:
 def with_data(config):
     """The config with an image-file dataset's shape and classes read from its files, which are checked on the
     way (before anything is written); other configs as they are."""
-    if config.dataset is None or config.dataset.images is None or config.resume:
+    if config.dataset is None or config.dataset.images is None or getattr(config, "resume", None):
         return config
     from fitnets_cli.images import resolve   # torch and PIL load here: only image files need them
 

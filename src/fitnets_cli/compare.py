@@ -16,8 +16,10 @@ import torch
 from omegaconf import OmegaConf
 from rich.table import Table
 
+from fitnets_cli import zoo
 from fitnets_cli.checkpoint import load_payload, write_text
-from fitnets_cli.config import ConfigError, Config, Student
+from fitnets_cli.commands import CompareConfig
+from fitnets_cli.config import ConfigError, Student
 from fitnets_cli.dist import pick_device
 from fitnets_cli.networks import build_network, count, network_of
 from fitnets_cli.ui import console, errors
@@ -34,6 +36,7 @@ COLUMNS = {
 TEXT_COLUMNS = ("model", "teacher", "schedule", "variant", "dataset")
 SCHEDULE_ORDER = ("", "backprop", "kd", "hint_joint", "crd_fitnet", "fitnets")
 # Config keys that do not change what a run measures: runs that differ only in these (and the seed) group.
+# (checkpoint, students ... speed: keys that the configs of runs made before each command had its own schema held.)
 NOT_IDENTITY = ("seed", "command", "device", "counting", "checkpoint", "eval_batch_size", "students", "runs",
                 "format", "out", "plots", "speed", "teacher_store", "data.root", "data.cache", "data.download",
                 "teacher.checkpoint", "teacher.auto_train", "teacher.variants")
@@ -66,12 +69,15 @@ NOT_TEACHER_IDENTITY = ("student", "hints", "schedule", "recipe.student", "recip
 
 
 def load_student(name: str) -> Student:
-    """A student config from the packaged conf/student group, by option name."""
+    """A student config from the packaged conf/student group by option name, or a network of the zoo by name."""
+    if name in zoo.NETWORKS:
+        return Student(source="zoo", arch=name)
     group = resources.files("fitnets_cli.conf").joinpath("student")
     path = group.joinpath(f"{name}.yaml")
     if not path.is_file():
         options = sorted(p.name[:-5] for p in group.iterdir() if p.name.endswith(".yaml"))
-        raise ConfigError(f"students: no student config {name!r}; options are {', '.join(options)}")
+        raise ConfigError(f"students: no student config {name!r}; options are {', '.join(options)} "
+                          f"and the zoo's networks ({', '.join(zoo.NETWORKS)})")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Student), OmegaConf.load(path.open())))
 
 
@@ -151,7 +157,7 @@ def _label_variants(rows: list[dict]) -> None:
                                          for k in keys if k in r["identity"])
 
 
-def arch_rows(cfg: Config) -> list[dict]:
+def arch_rows(cfg: CompareConfig) -> list[dict]:
     """Rows for the configured teacher and students, before any training."""
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     rows = [{"model": cfg.teacher.name, "role": "teacher", "schedule": "", "dataset": cfg.dataset.name,
@@ -314,7 +320,7 @@ def benchmark_table(records: list[dict], metric: str) -> tuple[list[str], list[l
     return header, lines
 
 
-def show_benchmark(rows: list[dict], cfg: Config) -> list[dict]:
+def show_benchmark(rows: list[dict], cfg: CompareConfig) -> list[dict]:
     """Print (or write) the benchmark-style table of the runs; return its records."""
     records = benchmark_records(rows)
     if not records:
@@ -350,7 +356,7 @@ def show_benchmark(rows: list[dict], cfg: Config) -> list[dict]:
     return records
 
 
-def compare_command(cfg: Config) -> list[dict]:
+def compare_command(cfg: CompareConfig) -> list[dict]:
     """Print (or write) the comparison table, and the plots when plots=DIR."""
     rows = []
     if cfg.runs:

@@ -1,24 +1,24 @@
-"""Typed config schema. Hydra merges the YAML in conf/ into these dataclasses, so an unknown key or a
-wrong type fails at composition; `__post_init__` checks (run by `to_config`) catch bad values."""
+"""The typed schemas of the config groups (networks, datasets, data, recipes, hints, schedules), which the
+commands' root schemas (commands.py) share. Hydra merges the YAML in conf/ into them, so an unknown key or a
+wrong type fails at composition; `__post_init__` checks (run by `commands.to_config`) catch bad values."""
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 
 class ConfigError(ValueError):
     """Bad user input: reported as one line, without a traceback."""
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def _one_of(value: str, choices, key: str) -> None:
-    _require(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
+def one_of(value: str, choices, key: str) -> None:
+    require(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass
@@ -34,9 +34,9 @@ class Layer:
     max_norm: float = 0.0       # max L2 norm of each filter/column after every update; 0: none
 
     def __post_init__(self):
-        _one_of(self.kind, ("conv", "fc", "softmax"), f"layer {self.name}: kind")
-        _require(self.kind == "softmax" or self.out > 0, f"layer {self.name}: out must be > 0")
-        _require(self.pieces >= 1 and self.kernel >= 1 and self.pad >= 0 and self.pool >= 0,
+        one_of(self.kind, ("conv", "fc", "softmax"), f"layer {self.name}: kind")
+        require(self.kind == "softmax" or self.out > 0, f"layer {self.name}: out must be > 0")
+        require(self.pieces >= 1 and self.kernel >= 1 and self.pad >= 0 and self.pool >= 0,
                  f"layer {self.name}: pieces and kernel must be >= 1, pad and pool >= 0")
 
 
@@ -46,34 +46,39 @@ class TeacherVariant:
     layers: List[Layer] = MISSING
 
 
+SOURCES = {"maxout": "layers", "torchvision": "arch", "zoo": "arch", "module": "_target_"}   # source -> its key
+
+
 @dataclass
 class Network:
-    """Where a teacher or student comes from: exactly one of `layers` (the paper's maxout networks, as
-    data), `arch` (a torchvision.models builder) or `_target_` (any nn.Module class or factory)."""
+    """Where a teacher or student comes from: `layers` (the paper's maxout networks, as data), `arch` (a
+    torchvision.models builder, or a network of the CIFAR-100 benchmark's zoo with source=zoo) or `_target_`
+    (any nn.Module class or factory)."""
     name: Optional[str] = None          # None: the arch or _target_
+    source: Optional[str] = None        # maxout | torchvision | zoo | module; None: from the key that is set
     layers: List[Layer] = field(default_factory=list)
-    arch: Optional[str] = None          # torchvision.models.<arch>(num_classes=..., weights=None, **kwargs)
+    arch: Optional[str] = None          # torchvision.models.<arch>(num_classes=..., weights=None, **kwargs), zoo.<arch>
     _target_: Optional[str] = None      # dotted path, called with kwargs (and num_classes if it takes it)
     kwargs: Dict[str, Any] = field(default_factory=dict)   # +teacher.KEY=VALUE lands here too
     weights: Optional[str] = None       # a state_dict file loaded into the network after building it
 
     def __post_init__(self):
         given = [k for k in ("layers", "arch", "_target_") if getattr(self, k)]
-        _require(len(given) == 1, f"a network sets {' and '.join(given) or 'none'} of layers (the paper's maxout "
-                 "nets), arch (torchvision) and _target_ (your nn.Module); set exactly one, e.g. "
+        require(len(given) == 1, f"a network sets {' and '.join(given) or 'none'} of layers (the paper's maxout "
+                 "nets), arch (torchvision or zoo) and _target_ (your nn.Module); set exactly one, e.g. "
                  "teacher=torchvision teacher.arch=resnet18 or teacher=module teacher._target_=pkg.Net")
+        self.source = self.source or next(s for s, k in SOURCES.items() if k == given[0])
+        one_of(self.source, SOURCES, "source")
+        require(SOURCES[self.source] == given[0], f"a {self.source} network is given by {SOURCES[self.source]}, "
+                 f"not {given[0]}")
         self.name = self.name or self.arch or self._target_
-        _require(not (self.layers and self.kwargs), f"network {self.name!r}: keyword arguments "
+        require(not (self.layers and self.kwargs), f"network {self.name!r}: keyword arguments "
                  f"{sorted(self.kwargs)} apply to arch or _target_ networks, not to maxout layers")
-
-    @property
-    def source(self) -> str:
-        return "maxout" if self.layers else "torchvision" if self.arch else "module"
 
 
 @dataclass
 class Teacher(Network):
-    hint: Optional[str] = None          # the default hint tap; None: chosen by the rule in hints.default_tap
+    hint: Optional[str] = None          # the default hint tap; None: the network's hint point, else hints.default_tap's rule
     checkpoint: Optional[str] = None    # None: the teacher store's entry for this teacher and dataset
     auto_train: bool = False            # train: with no checkpoint, train the teacher first (in <run>/teacher)
     variants: Dict[str, TeacherVariant] = field(default_factory=dict)
@@ -81,7 +86,7 @@ class Teacher(Network):
 
 @dataclass
 class Student(Network):
-    guided: Optional[str] = None        # the default guided tap; None: chosen by the rule in hints.default_tap
+    guided: Optional[str] = None        # the default guided tap; None: the network's hint point, else hints.default_tap's rule
 
 
 @dataclass
@@ -91,7 +96,12 @@ class Augment:
     resized_crop: bool = False          # image files: a random-resized crop (images.crop_scale) of each file
 
     def __post_init__(self):
-        _require(self.pad >= 0, "dataset.augment.pad must be >= 0")
+        require(self.pad >= 0, "dataset.augment.pad must be >= 0")
+
+    @property
+    def random(self) -> bool:
+        """Whether each step sees another view of an image (and so a teacher's outputs cannot be reused)."""
+        return bool(self.pad or self.flip or self.resized_crop)
 
 
 @dataclass
@@ -109,14 +119,14 @@ class Images:
     crop_ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])   # ... and aspect-ratio range
 
     def __post_init__(self):
-        _one_of(self.reader, ("folder", "imagenet", "torchvision"), "dataset.images.reader")
-        _require(self.reader != "torchvision" or bool(self.cls),
+        one_of(self.reader, ("folder", "imagenet", "torchvision"), "dataset.images.reader")
+        require(self.reader != "torchvision" or bool(self.cls),
                  "dataset.images.reader=torchvision needs dataset.images.cls (a torchvision.datasets class name)")
-        _require(self.channels in (None, 1, 3), f"dataset.images.channels must be 1, 3 or null, got {self.channels}")
-        _require(all(v is None or v > 0 for v in (self.size, self.resize)), "dataset.images.size and resize must be > 0")
-        _require(len(self.mean) == len(self.std) and all(v > 0 for v in self.std),
+        require(self.channels in (None, 1, 3), f"dataset.images.channels must be 1, 3 or null, got {self.channels}")
+        require(all(v is None or v > 0 for v in (self.size, self.resize)), "dataset.images.size and resize must be > 0")
+        require(len(self.mean) == len(self.std) and all(v > 0 for v in self.std),
                  "dataset.images.mean and std need one value per channel each, std > 0")
-        _require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+        require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
                  "dataset.images.crop_scale must be [low, high] with 0 < low <= high <= 1")
 
 
@@ -138,17 +148,17 @@ class Dataset:
     images: Optional[Images] = None     # set: the dataset is read from image files (conf/dataset/imagefolder.yaml)
 
     def __post_init__(self):
-        _one_of(self.preprocess, ("scale", "gcn_zca", "gcn_lcn"), "dataset.preprocess")
+        one_of(self.preprocess, ("scale", "gcn_zca", "gcn_lcn"), "dataset.preprocess")
         fraction = isinstance(self.valid_size, float) and 0 < self.valid_size < 1 and self.images is not None
-        _require(fraction or (isinstance(self.valid_size, int) and self.valid_size >= 0),
+        require(fraction or (isinstance(self.valid_size, int) and self.valid_size >= 0),
                  f"dataset.valid_size={self.valid_size} must be a count >= 0 (or, for image files, a fraction < 1)")
-        _require(self.images is not None or (self.in_shape is not None and self.num_classes is not None),
+        require(self.images is not None or (self.in_shape is not None and self.num_classes is not None),
                  f"dataset {self.name}: in_shape and num_classes are needed unless it is read from image files")
-        _require(self.images is None or not self.normalize,
+        require(self.images is None or not self.normalize,
                  "dataset.normalize applies to mnist, cifar and svhn; image files take dataset.images.mean/std")
-        _require(self.images is None or self.preprocess == "scale",
+        require(self.images is None or self.preprocess == "scale",
                  "dataset.preprocess applies to mnist, cifar and svhn; image files take dataset.images.mean/std")
-        _require(not self.augment.resized_crop or self.images is not None,
+        require(not self.augment.resized_crop or self.images is not None,
                  "dataset.augment.resized_crop applies to image files; use augment.pad for tensor datasets")
 
 
@@ -170,11 +180,11 @@ class Data:
     bad_images: str = "stop"            # an image that fails to decode mid-run: stop (naming it) | skip (counted)
 
     def __post_init__(self):
-        _one_of(self.valid_split, ("stratified", "last"), "data.valid_split")
-        _one_of(str(self.resident).lower(), ("auto", "true", "false"), "data.resident")
+        one_of(self.valid_split, ("stratified", "last"), "data.valid_split")
+        one_of(str(self.resident).lower(), ("auto", "true", "false"), "data.resident")
         self.resident = str(self.resident).lower()
-        _one_of(self.bad_images, ("stop", "skip"), "data.bad_images")
-        _require(self.workers >= 0 and self.prefetch >= 1, "data.workers must be >= 0 and data.prefetch >= 1")
+        one_of(self.bad_images, ("stop", "skip"), "data.bad_images")
+        require(self.workers >= 0 and self.prefetch >= 1, "data.workers must be >= 0 and data.prefetch >= 1")
 
 
 @dataclass
@@ -205,21 +215,21 @@ class Optim:
     augment: Optional[Augment] = None   # None: the dataset's augmentation
 
     def __post_init__(self):
-        _one_of(self.optimizer, ("rmsprop", "sgd"), "optimizer")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        _require(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
-        _require(self.patience > 0, f"patience must be > 0, got {self.patience}")
-        _require(self.lr_exp_decay >= 1, f"lr_exp_decay must be >= 1 (1: off), got {self.lr_exp_decay}")
-        _require(self.lr_batch >= 0 and self.weight_decay >= 0, "lr_batch and weight_decay must be >= 0 (0: off)")
-        _require(0 < self.lr_step_factor <= 1 and all(e > 0 for e in self.lr_steps),
+        one_of(self.optimizer, ("rmsprop", "sgd"), "optimizer")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        require(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
+        require(self.patience > 0, f"patience must be > 0, got {self.patience}")
+        require(self.lr_exp_decay >= 1, f"lr_exp_decay must be >= 1 (1: off), got {self.lr_exp_decay}")
+        require(self.lr_batch >= 0 and self.weight_decay >= 0, "lr_batch and weight_decay must be >= 0 (0: off)")
+        require(0 < self.lr_step_factor <= 1 and all(e > 0 for e in self.lr_steps),
                  "lr_step_factor must be in (0, 1] and lr_steps epochs > 0")
         # Settings that would otherwise be accepted and have no effect:
-        _require(self.optimizer == "sgd" or self.momentum == self.momentum_final == 0,
+        require(self.optimizer == "sgd" or self.momentum == self.momentum_final == 0,
                  "momentum / momentum_final apply to optimizer=sgd only; set them to 0 with rmsprop")
-        _require(self.lr_decay_factor == 1 or self.lr_decay_saturate > 0,
+        require(self.lr_decay_factor == 1 or self.lr_decay_saturate > 0,
                  "lr_decay_factor needs lr_decay_saturate > 0 (the epoch at which the decay ends)")
-        _require(self.momentum_final == 0 or self.momentum_saturate > 0,
+        require(self.momentum_final == 0 or self.momentum_saturate > 0,
                  "momentum_final needs momentum_saturate > 0 (the epoch at which it is reached)")
 
 
@@ -234,9 +244,9 @@ class KD:
     lam_end_epoch: int = 499            # ... and reaches lam_end at this one, linearly
 
     def __post_init__(self):
-        _one_of(self.form, ("paper", "hinton"), "recipe.kd.form")
-        _require(self.tau > 0, f"recipe.kd.tau must be > 0, got {self.tau}")
-        _require(self.lam_end_epoch >= self.lam_start_epoch >= 0,
+        one_of(self.form, ("paper", "hinton"), "recipe.kd.form")
+        require(self.tau > 0, f"recipe.kd.tau must be > 0, got {self.tau}")
+        require(self.lam_end_epoch >= self.lam_start_epoch >= 0,
                  "recipe.kd needs 0 <= lam_start_epoch <= lam_end_epoch")
 
 
@@ -252,7 +262,7 @@ class Recipe:
     lr_by_network: Dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
-        _require(self.hint_epochs is None or self.hint_epochs > 0, "recipe.hint_epochs must be > 0 (or null)")
+        require(self.hint_epochs is None or self.hint_epochs > 0, "recipe.hint_epochs must be > 0 (or null)")
 
 
 @dataclass
@@ -270,8 +280,8 @@ class Hints:
     regressor_max_norm: float = 0.9     # ... and max kernel norm (0: none)
 
     def __post_init__(self):
-        _one_of(self.reduction, ("code", "paper", "mse"), "hints.reduction")
-        _one_of(self.regressor, ("paper", "conv_bn", "1x1"), "hints.regressor")
+        one_of(self.reduction, ("code", "paper", "mse"), "hints.reduction")
+        one_of(self.regressor, ("paper", "conv_bn", "1x1"), "hints.regressor")
 
 
 @dataclass
@@ -282,7 +292,7 @@ class Schedule:
 
     def __post_init__(self):
         for stage in self.stages:
-            _one_of(stage, ("hint", "kd", "ce", "joint"), "schedule.stages entry")
+            one_of(stage, ("hint", "kd", "ce", "joint"), "schedule.stages entry")
 
 
 @dataclass
@@ -293,66 +303,5 @@ class Speed:
     repeats: int = 5                    # the median of these timed forward passes is reported
 
     def __post_init__(self):
-        _require(self.batch_size > 0 and self.repeats > 0 and self.warmup >= 0,
+        require(self.batch_size > 0 and self.repeats > 0 and self.warmup >= 0,
                  "speed.batch_size and speed.repeats must be > 0, speed.warmup >= 0")
-
-
-@dataclass
-class Config:
-    command: str = MISSING
-    dataset: Optional[Dataset] = None
-    teacher: Optional[Teacher] = None
-    student: Optional[Student] = None
-    hints: Optional[Hints] = None
-    schedule: Optional[Schedule] = None
-    recipe: Optional[Recipe] = None
-    data: Data = field(default_factory=Data)
-    seed: int = 0
-    device: str = "auto"                # auto | cpu | cuda
-    teacher_store: str = "teachers"     # train-teacher saves here; train looks here
-    # Where the teacher's inputs are deterministic (no augmentation), compute its outputs once per stage.
-    teacher_cache: bool = True
-    teacher_cache_gb: float = 2.0       # ... when they fit in this much memory
-    amp: bool = False                   # bf16 autocast (CUDA or CPU)
-    compile: bool = False               # torch.compile each layer (see docs/performance.md for when it pays)
-    channels_last: bool = False         # networks in channels_last memory format (docs/performance.md)
-    # actual: every parameter of the built network. paper: weights only, FC maxout as 2 pieces (spec 2.8).
-    counting: str = "actual"
-    checkpoint: Optional[str] = None    # eval: the model to evaluate
-    resume: Optional[str] = None        # train, train-teacher: continue the run in this directory
-    deterministic: bool = False         # torch.use_deterministic_algorithms: bit-identical reruns
-    eval_batch_size: int = 1000
-    # compare
-    students: List[str] = field(default_factory=list)   # student configs; [] with no runs: dataset.students
-    runs: Any = field(default_factory=list)             # run directories, globs or sweep directories
-    format: str = "table"                               # table | md | csv | json
-    metric: str = "accuracy"                            # accuracy | error: what the table shows
-    layout: str = "rows"                                # rows | benchmark (a column per teacher/student pair)
-    out: Optional[str] = None                           # write md/csv/json here instead of stdout
-    plots: Optional[str] = None                         # write PNG plots into this directory
-    speed: Speed = field(default_factory=Speed)
-
-    def __post_init__(self):
-        if isinstance(self.runs, str):
-            self.runs = [self.runs]
-        _one_of(self.format, ("table", "md", "csv", "json"), "format")
-        _one_of(self.metric, ("accuracy", "error"), "metric")
-        _one_of(self.layout, ("rows", "benchmark"), "layout")
-        _one_of(self.device, ("auto", "cpu", "cuda"), "device")
-        _one_of(self.counting, ("actual", "paper"), "counting")
-        _require(self.eval_batch_size > 0, "eval_batch_size must be > 0")
-
-
-ConfigStore.instance().store(name="schema", node=Config)
-
-
-def to_config(cfg: DictConfig) -> Config:
-    """Resolve the composed config into typed dataclasses, running their value checks. Keys that Hydra's
-    `+teacher.KEY=VALUE` added to a network become its keyword arguments (Hydra's _target_ convention)."""
-    for role, schema in (("teacher", Teacher), ("student", Student)):
-        known = {f.name for f in fields(schema)}
-        if cfg.get(role) is not None and set(cfg[role]) - known:
-            node = OmegaConf.to_container(cfg[role], resolve=True)
-            node["kwargs"].update({k: node.pop(k) for k in set(node) - known})
-            cfg[role] = OmegaConf.merge(OmegaConf.structured(schema), node)
-    return OmegaConf.to_object(cfg)

@@ -1,6 +1,6 @@
 """Datasets as splits that yield batches: tensors on the training device (torchvision loaders, the paper's
 preprocessing cached on disk, batched augmentation there), or image files streamed by loader workers
-(images.py); a seeded stratified validation split."""
+(images.py finds and checks them, streaming.py streams them); a seeded stratified validation split."""
 
 import io
 from dataclasses import dataclass
@@ -47,7 +47,7 @@ class Resident:
 
 @dataclass
 class Splits:
-    train: object          # Resident or images.Streamed
+    train: object          # Resident or streaming.Streamed
     valid: object | None   # None: no validation split (valid_size 0)
     test: object
 
@@ -83,16 +83,16 @@ def load_data(dataset, data, device, augment: Augment | None = None) -> Splits:
 def _load_files(dataset, data, device, augment: Augment) -> Splits:
     """Image files: validation from val/ or held out of train/, test from test/ (else val/, else the held-out
     validation images); held on the device when data.resident says so, else streamed."""
-    from fitnets_cli import images   # PIL and the loaders: only image files need them
+    from fitnets_cli import images, streaming   # PIL and the loaders: only image files need them
 
     found = images.listing(dataset, data)
-    files = lambda split: images.Files(found.reader, *found.splits[split], dataset.in_shape, dataset.images)
-    stream = lambda f: images.Streamed(f, device, data, dataset.images.mean, dataset.images.std)
+    files = lambda split: streaming.Files(found.reader, *found.splits[split], dataset.in_shape, dataset.images)
+    stream = lambda f: streaming.Streamed(f, device, data, dataset.images.mean, dataset.images.std)
     train = stream(files("train"))
     if "val" in found.splits:
         valid = stream(files("val"))
     elif dataset.valid_size:
-        keep, held = held_out(train.labels, dataset.valid_size, dataset.num_classes, data.split_seed)
+        keep, held = held_out(train.labels, dataset.valid_size, found.classes, data.split_seed)
         train, valid = train.subset(keep.tolist()), train.subset(held.tolist())
     else:
         valid = None
@@ -104,7 +104,7 @@ def _load_files(dataset, data, device, augment: Augment) -> Splits:
         console.print(f"no val/ or test/ folder: {len(valid)} images held out of train/ (dataset.valid_size) "
                       "serve as validation and test")
     n = sum(len(s) for s in {id(s): s for s in (train, valid, test) if s is not None}.values())
-    gib = images.decoded_gib(dataset, n)
+    gib = streaming.decoded_gib(dataset, n)
     if data.resident == "true" or (data.resident == "auto" and not augment.resized_crop and gib <= data.resident_gb):
         console.print(f"decoding {n} images onto the device ({gib:.2f} GiB; data.resident={data.resident})")
         held = {id(s): Resident(s.decode_all(), s.labels.to(device)) for s in (train, valid, test) if s is not None}
@@ -113,12 +113,32 @@ def _load_files(dataset, data, device, augment: Augment) -> Splits:
     return Splits(train, valid, test)
 
 
-def held_out(labels, size, num_classes: int, seed: int):
+def held_counts(labels, size, classes: list[str]) -> list[int]:
+    """How many training images of each class `held_out` holds out for validation: `size` is a count spread
+    evenly over the classes or a fraction of each. Raises ConfigError where that leaves no validation image or a
+    class without training images."""
+    counts = [int((torch.as_tensor(labels) == c).sum()) for c in range(len(classes))]
+    if isinstance(size, int):
+        quotas = [size // len(classes) + (c < size % len(classes)) for c in range(len(classes))]
+    else:
+        quotas = [round(size * n) for n in counts]
+    fix = "add val/<class>/ images, or set dataset.valid_size to a count or another share"
+    if not sum(quotas):
+        raise ConfigError(f"dataset.valid_size={size} holds out no image of the {sum(counts)} in train/ "
+                          f"(classes of {min(counts)} to {max(counts)} images); {fix}")
+    for name, n, quota in zip(classes, counts, quotas):
+        if n - quota < 1:
+            raise ConfigError(f"dataset.valid_size={size} would hold out {quota} of the {n} image(s) of class {name!r}, "
+                              f"leaving none to train on; {fix}")
+    return quotas
+
+
+def held_out(labels, size, classes: list[str], seed: int):
     """Indices (kept, held out): `size` images (a count, spread evenly over classes) or a fraction of each class."""
     if isinstance(size, int):
-        return stratified_split(labels, size, num_classes, seed)
+        return stratified_split(labels, size, len(classes), seed)
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    held = torch.cat([perm[labels[perm] == c][:round(size * int((labels == c).sum()))] for c in range(num_classes)])
+    held = torch.cat([perm[labels[perm] == c][:quota] for c, quota in enumerate(held_counts(labels, size, classes))])
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[held] = False
     return mask.nonzero().squeeze(1), held.sort().values

@@ -6,14 +6,15 @@ from rich.table import Table
 
 from fitnets_cli import dist
 from fitnets_cli.checkpoint import load_model, saved_dataset
-from fitnets_cli.config import ConfigError, Config
+from fitnets_cli.commands import EvalConfig
+from fitnets_cli.config import ConfigError
 from fitnets_cli.data import load_data
 from fitnets_cli.ui import console
 
 
 @torch.no_grad()
 def evaluate(net, split, batch_size: int = 1000) -> dict:
-    """Cross-entropy, accuracy and error of `net` on a split (data.Resident or images.Streamed), in eval mode."""
+    """Cross-entropy, accuracy and error of `net` on a split (data.Resident or streaming.Streamed), in eval mode."""
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
@@ -29,7 +30,7 @@ def evaluate(net, split, batch_size: int = 1000) -> dict:
     return {"loss": loss.item() / len(split), "acc": acc, "error": 1 - acc}
 
 
-def eval_command(cfg: Config) -> dict:
+def eval_command(cfg: EvalConfig) -> dict:
     """Evaluate checkpoint=PATH on the test set of its dataset (or of dataset=NAME)."""
     if not cfg.checkpoint:
         raise ConfigError("eval needs checkpoint=PATH (a run's checkpoints/student.pt or teacher.pt)")

@@ -30,9 +30,12 @@ class HintPlan:
 
 
 def default_tap(net) -> str:
-    """The tap hints use when none is named: the output of the second group of blocks where the network has
-    groups (the CRD benchmark's habit: ResNet `layer2`), else the paper's middle layer: the middle one of the
-    network's module-level taps that output a map."""
+    """The tap hints use when none is named: the network's own hint point where it names one (the zoo's
+    feat[2]); else the output of the second group of blocks where the network has groups (the CRD benchmark's
+    habit: ResNet `layer2`); else the paper's middle layer: the middle one of the network's module-level taps
+    that output a map."""
+    if net.hint_point is not None:
+        return net.hint_point
     if len(net.groups) >= 2:
         return net.groups[1]
     maps = [t for t in net.blocks if len(net.shapes[t]) == 3]

@@ -2,7 +2,7 @@
 
 from rich.table import Table
 
-from fitnets_cli.config import Config
+from fitnets_cli.commands import LayersConfig
 from fitnets_cli.hints import default_tap, fmt, plan_hints, plan_table
 from fitnets_cli.networks import build_network
 from fitnets_cli.ui import console
@@ -19,7 +19,7 @@ def tap_table(net, role: str, marked: set[str]) -> Table:
     return table
 
 
-def layers_command(cfg: Config) -> list:
+def layers_command(cfg: LayersConfig) -> list:
     """Print the teacher's and the student's taps, and the plan of hints.pairs (default pair if unset)."""
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     teacher = build_network(cfg.teacher, shape, classes)
@@ -40,5 +40,7 @@ def default(configured: str | None, net) -> str:
     """A network's default tap, and where it comes from."""
     if configured:
         return f"{configured} (its config)"
+    if net.hint_point is not None:
+        return f"{net.hint_point} (the network's hint point)"
     rule = "the second group of blocks" if len(net.groups) >= 2 else "the middle layer"
     return f"{default_tap(net)} ({rule})"

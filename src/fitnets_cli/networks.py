@@ -5,11 +5,13 @@
   taps(x, names)          {tap: output} (None: the logits), computed no deeper than the last tap needs
   depends(tap)            the modules whose parameters and buffers that output depends on (stage 1 trains them)
   nonlinearity(tap)       ("maxout", pieces) | ("relu", 1) | ("linear", 1): what the paper's regressor copies
+  hint_point              the tap the network names as its default hint/guided point (a `hint_point`
+                          attribute of the module, as the zoo's), or None
   blocks, groups          its module-level taps and groups of blocks, for the default hint/guided rule
   build_spec              how to build it again, recorded in checkpoints
 
-The paper's maxout networks (models.Net) implement it directly. Any other nn.Module (a torchvision model, or
-the user's own by dotted path) is wrapped in `Tapped`, which reads its taps from a torch.fx trace. A module may
+The paper's maxout networks (models.Net) implement it directly. Any other nn.Module (a torchvision model, a
+network of the zoo, or the user's own by dotted path) is wrapped in `Tapped`, which reads its taps from a torch.fx trace. A module may
 declare a constraint to apply after every update with a `constrain()` method (maxout layers' max-norm).
 """
 
@@ -27,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from fitnets_cli import zoo
 from fitnets_cli.config import ConfigError, Layer, Network
 from fitnets_cli.models import build_net, paper_specs
 
@@ -75,6 +78,9 @@ class Tapped(nn.Module):
         self.blocks = [t for t in self.shapes if t in modules or call_of(t) in modules]
         self.groups = [path for path, child in model.named_children() if path in self.shapes
                        and any(list(grandchild.children()) for grandchild in child.children())]
+        self.hint_point = getattr(model, "hint_point", None)
+        if self.hint_point is not None and self.hint_point not in self.shapes:
+            raise ConfigError(f"network {name} names hint_point {self.hint_point!r}, which is not one of its taps")
 
     def _input(self, x):
         return x.expand(-1, self.repeat, -1, -1) if self.repeat > 1 else x
@@ -170,9 +176,15 @@ def build_network(spec: Network, in_shape, num_classes: int, init_range: float =
 
 
 def instantiate(spec: Network, num_classes: int, in_channels: int) -> nn.Module:
-    """The nn.Module of a torchvision builder or of a dotted path; nothing is downloaded. Builders that take
-    `num_classes` or `in_channels` (the zoo's) get the dataset's."""
-    if spec.arch:
+    """The nn.Module of a torchvision builder, a zoo network or a dotted path; nothing is downloaded. Builders
+    that take `num_classes` or `in_channels` (the zoo's) get the dataset's."""
+    if spec.source == "zoo":
+        if spec.arch not in zoo.NETWORKS:
+            close = difflib.get_close_matches(spec.arch, list(zoo.NETWORKS))
+            raise ConfigError(f"arch={spec.arch!r} is not a network of the zoo; closest: {', '.join(close) or 'none'} "
+                              f"(all: {', '.join(zoo.NETWORKS)})")
+        make, kwargs = zoo.NETWORKS[spec.arch], dict(spec.kwargs)
+    elif spec.arch:
         if spec.arch not in torchvision.models.list_models(module=torchvision.models):
             close = difflib.get_close_matches(spec.arch, torchvision.models.list_models(module=torchvision.models))
             raise ConfigError(f"arch={spec.arch!r} is not a torchvision.models classifier; closest: "
@@ -203,7 +215,7 @@ def instantiate(spec: Network, num_classes: int, in_channels: int) -> nn.Module:
 
 def build_spec(spec: Network, specs: list[Layer] | None = None) -> dict:
     """What rebuilds a network (its layers as built, with the softmax's classes filled in), as plain data."""
-    return {"name": spec.name, "layers": [asdict(s) for s in specs or []], "arch": spec.arch,
+    return {"name": spec.name, "source": spec.source, "layers": [asdict(s) for s in specs or []], "arch": spec.arch,
             "_target_": spec._target_, "kwargs": dict(spec.kwargs)}
 
 

@@ -1,5 +1,6 @@
 """The CIFAR networks of the CRD distillation benchmark (Tian et al., ICLR 2020), as plain nn.Modules reached
-through the network seam like any other module (conf/teacher/<name>.yaml, conf/student/<name>.yaml).
+through the network seam like any other module: `teacher=zoo teacher.arch=NAME`, `student=zoo student.arch=NAME`
+(NETWORKS below lists the names).
 
 Written after the benchmark's reference code, HobbitLong/RepDistiller models/ (also used by mdistiller), with
 the same layers, parameter counts, initialisation and state_dict keys, so that its published checkpoints load
@@ -7,7 +8,8 @@ with `teacher.weights=PATH`. Two changes let them take other inputs, with identi
 `in_channels` (1 for MNIST) and global average pooling where the reference code pools a fixed window (8x8 or
 4x4, the final map of a 32x32 image). RepDistiller's VGG adds a fourth max-pool for 64x64 inputs only; it is
 left out. The benchmark's hint point, its feat[2], is each network's second stage (`layer2`, `block2`,
-`blocks.2`; VGG's third block, `block2`), named in the YAML files.
+`blocks.2`; VGG's third block, `block2`): each class names it in `hint_point`, which the seam offers as the
+network's default hint and guided tap.
 """
 
 from collections import OrderedDict
@@ -97,6 +99,8 @@ class ResNet(nn.Module):
     """A 3x3 stem, then stages `layer1`, `layer2`, ... of blocks (the first of each from stage 2 on at stride 2),
     global average pooling and a linear classifier named `head` (resnet.py: fc, resnetv2.py: linear)."""
 
+    hint_point = "layer2"   # feat[2]: the output of the second stage
+
     def __init__(self, block, widths, depths, num_classes: int, in_channels: int, head: str = "fc"):
         super().__init__()
         stem, *widths = widths
@@ -160,6 +164,8 @@ class WideResNet(nn.Module):
     """WRN-depth-k: a 3x3 stem, stages `block1`..`block3` of (depth - 4) / 6 blocks at 16k, 32k, 64k channels,
     BN-ReLU, pooling, a linear classifier."""
 
+    hint_point = "block2"   # feat[2]: the output of the second stage
+
     def __init__(self, depth: int, k: int, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         n = (depth - 4) // 6
@@ -188,6 +194,8 @@ wrn_40_2 = partial(WideResNet, 40, 2)
 class VGG(nn.Module):
     """Five blocks `block0`..`block4` of 3x3 conv-BN-ReLU, max-pooled between the first four; global average
     pooling and one linear classifier."""
+
+    hint_point = "block2"   # feat[2]: the output of the third block
 
     def __init__(self, widths, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
@@ -233,6 +241,8 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """MobileNetV2 as the benchmark uses it: expansion 6, width 0.5, a stride-2 stem, seven stages `blocks.0`..
     `blocks.6`, a 1x1 conv to 1280 channels, pooling and a linear classifier."""
+
+    hint_point = "blocks.2"   # feat[2]: the output of the third stage
 
     STAGES = [(16, 1, 1), (24, 2, 1), (32, 3, 2), (64, 4, 2), (96, 3, 1), (160, 3, 2), (320, 1, 1)]   # at width 1:
     # channels, blocks, the first block's stride; the first stage does not expand
@@ -286,6 +296,8 @@ class ShuffleV1(nn.Module):
     """ShuffleNet V1 (the benchmark's name): a 1x1 stem to 24 channels, stages `layer1`..`layer3` of (4, 8, 4)
     units at (240, 480, 960) channels in 3 groups, each starting at stride 2 (the very first unit's 1x1 conv
     ungrouped); pooling and a linear classifier."""
+
+    hint_point = "layer2"   # feat[2]: the output of the second stage
 
     def __init__(self, num_classes: int = 100, in_channels: int = 3, groups: int = 3):
         super().__init__()
@@ -343,6 +355,8 @@ class ShuffleV2(nn.Module):
     stride-2 unit, then 3, 7, 3 units at 116, 232, 464 channels), a 1x1 conv to 1024 channels, pooling and a
     linear classifier."""
 
+    hint_point = "layer2"   # feat[2]: the output of the second stage
+
     def __init__(self, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         self.conv1, self.bn1 = conv1x1(in_channels, 24), nn.BatchNorm2d(24)
@@ -358,3 +372,9 @@ class ShuffleV2(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.linear(pool(F.relu(self.bn2(self.conv2(x)))))
 
+
+# The networks `source: zoo` builds, by the names the benchmark gives them.
+NETWORKS = {"resnet20": resnet20, "resnet32": resnet32, "resnet56": resnet56, "resnet110": resnet110,
+            "resnet8x4": resnet8x4, "resnet32x4": resnet32x4, "ResNet50": ResNet50, "wrn_16_2": wrn_16_2,
+            "wrn_40_1": wrn_40_1, "wrn_40_2": wrn_40_2, "vgg8": vgg8, "vgg13": vgg13, "MobileNetV2": MobileNetV2,
+            "ShuffleV1": ShuffleV1, "ShuffleV2": ShuffleV2}

@@ -1,0 +1,138 @@
+"""One config schema per command (SCHEMAS), on the group schemas of config.py: a key of another command, or
+of none, fails at composition with a message naming the command that owns it."""
+
+from dataclasses import dataclass, field, fields
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from fitnets_cli.config import (ConfigError, Data, Dataset, Hints, Recipe, Schedule, Speed, Student, Teacher, one_of,
+                                require)
+
+
+@dataclass
+class Common:
+    """The keys of every command (conf/common.yaml)."""
+    command: str = MISSING
+    data: Data = field(default_factory=Data)
+    device: str = "auto"                # auto | cpu | cuda
+
+    def __post_init__(self):
+        one_of(self.device, ("auto", "cpu", "cuda"), "device")
+
+
+@dataclass
+class TeacherConfig(Common):
+    """`fitnets train-teacher` (conf/train_teacher.yaml); the training keys come from conf/training.yaml."""
+    dataset: Dataset = MISSING
+    teacher: Teacher = MISSING
+    recipe: Recipe = MISSING
+    seed: int = 0
+    deterministic: bool = False         # torch.use_deterministic_algorithms: bit-identical reruns
+    resume: Optional[str] = None        # continue the run in this directory
+    teacher_store: str = "teachers"     # train-teacher saves here; train looks here
+    amp: bool = False                   # bf16 autocast (CUDA or CPU)
+    compile: bool = False               # torch.compile each layer (see docs/performance.md for when it pays)
+    channels_last: bool = False         # networks in channels_last memory format (docs/performance.md)
+    # actual: every parameter of the built network. paper: weights only, FC maxout as 2 pieces (spec 2.8).
+    counting: str = "actual"
+    eval_batch_size: int = 1000
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_of(self.counting, ("actual", "paper"), "counting")
+        require(self.eval_batch_size > 0, "eval_batch_size must be > 0")
+
+
+@dataclass
+class TrainConfig(TeacherConfig):
+    """`fitnets train` (conf/train.yaml): what train-teacher takes (it may train the teacher first), and the
+    student, its hints and its schedule."""
+    student: Student = MISSING
+    hints: Hints = MISSING
+    schedule: Schedule = MISSING
+    # Where the teacher's inputs are deterministic (no augmentation), compute its outputs once per stage.
+    teacher_cache: bool = True
+    teacher_cache_gb: float = 2.0       # ... when they fit in this much memory
+
+
+@dataclass
+class EvalConfig(Common):
+    """`fitnets eval` (conf/eval.yaml)."""
+    checkpoint: Optional[str] = None    # the model to evaluate
+    dataset: Optional[Dataset] = None   # None: the dataset it was trained on
+    eval_batch_size: int = 1000
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.eval_batch_size > 0, "eval_batch_size must be > 0")
+
+
+@dataclass
+class CompareConfig(Common):
+    """`fitnets compare` (conf/compare.yaml)."""
+    dataset: Dataset = MISSING
+    teacher: Teacher = MISSING
+    students: List[str] = field(default_factory=list)   # student configs; [] with no runs: dataset.students
+    runs: Any = field(default_factory=list)             # run directories, globs or sweep directories
+    format: str = "table"                               # table | md | csv | json
+    metric: str = "accuracy"                            # accuracy | error: what the table shows
+    layout: str = "rows"                                # rows | benchmark (a column per teacher/student pair)
+    out: Optional[str] = None                           # write md/csv/json here instead of stdout
+    plots: Optional[str] = None                         # write PNG plots into this directory
+    speed: Speed = field(default_factory=Speed)
+    counting: str = "actual"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.runs, str):
+            self.runs = [self.runs]
+        one_of(self.format, ("table", "md", "csv", "json"), "format")
+        one_of(self.metric, ("accuracy", "error"), "metric")
+        one_of(self.layout, ("rows", "benchmark"), "layout")
+        one_of(self.counting, ("actual", "paper"), "counting")
+
+
+@dataclass
+class LayersConfig(Common):
+    """`fitnets layers` (conf/layers.yaml)."""
+    dataset: Dataset = MISSING
+    teacher: Teacher = MISSING
+    student: Student = MISSING
+    hints: Hints = MISSING
+
+
+SCHEMAS = {"train": TrainConfig, "train-teacher": TeacherConfig, "eval": EvalConfig, "compare": CompareConfig,
+           "layers": LayersConfig}
+for schema in SCHEMAS.values():   # each primary config in conf/ lists its schema first, by class name
+    ConfigStore.instance().store(name=schema.__name__, node=schema)
+
+
+def owners(key: str) -> list[str]:
+    """The commands whose config has the top-level `key` (or config group)."""
+    return [command for command, schema in SCHEMAS.items() if key in {f.name for f in fields(schema)}]
+
+
+def elsewhere(key: str, command: str) -> str:
+    """What to say of a top-level key that `command` refuses: the commands it belongs to, if any."""
+    others = [f"`fitnets {c}`" for c in owners(key) if c != command]
+    return (f"; {key} belongs to {' and '.join(others)}, not to `fitnets {command}`: drop it, or run that command"
+            if others else "")
+
+
+def to_config(cfg: DictConfig) -> Common:
+    """Resolve the composed config into typed dataclasses, running their value checks. Keys that Hydra's
+    `+teacher.KEY=VALUE` added to a network become its keyword arguments (Hydra's _target_ convention)."""
+    for role, schema in (("teacher", Teacher), ("student", Student)):
+        known = {f.name for f in fields(schema)}
+        if cfg.get(role) is not None and set(cfg[role]) - known:
+            node = OmegaConf.to_container(cfg[role], resolve=True)
+            node["kwargs"].update({k: node.pop(k) for k in set(node) - known})
+            cfg[role] = OmegaConf.merge(OmegaConf.structured(schema), node)
+    # Hydra lets `+key=value` add a key to the root of a structured config: refuse what the schema lacks.
+    unknown = sorted(set(cfg) - {f.name for f in fields(SCHEMAS[cfg.command])})
+    if unknown:
+        raise ConfigError(f"`fitnets {cfg.command}` has no key {unknown[0]}" + (elsewhere(unknown[0], cfg.command)
+                          or f"; see its keys with `fitnets {cfg.command} --cfg job`"))
+    return OmegaConf.to_object(cfg)
