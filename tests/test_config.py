@@ -30,9 +30,9 @@ def test_the_groups_hold_the_issue_options():
     assert set(zoo.NETWORKS) == {"resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_2",
                                  "wrn_40_1", "wrn_40_2", "vgg8", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2",
                                  "ResNet50"}
-    assert {"maxout", "torchvision", "module", "zoo"} == set(options("teacher"))
+    assert {"maxout", "torchvision", "module", "zoo", "timm"} == set(options("teacher"))
     assert len(options("pair")) == 13
-    assert {"torchvision", "module", "zoo"} <= set(options("student"))
+    assert {"torchvision", "module", "zoo", "timm"} <= set(options("student"))
     assert {"fitnet1", "fitnet2", "fitnet3", "fitnet4", "fitnet_mnist", "depth5_30m", "depth11_107m"} <= set(options("student"))
     assert options("recipe") == options("dataset")
 
@@ -85,7 +85,7 @@ def test_image_file_datasets_compose_with_their_recipe(make_config, dataset):
     assert cfg.dataset.in_shape is None and cfg.recipe.student.lr_batch == 256   # the shape comes from the files
 
 
-@pytest.mark.parametrize("student", [s for s in options("student") if s not in ("torchvision", "module", "zoo")])
+@pytest.mark.parametrize("student", [s for s in options("student") if s not in ("torchvision", "module", "zoo", "timm")])
 def test_every_paper_student_composes_and_its_paper_hint_pair_plans(make_config, student):
     dataset = student_dataset(student)
     cfg = make_config("train", [f"student={student}", f"dataset={dataset}"])

@@ -46,21 +46,22 @@ class TeacherVariant:
     layers: List[Layer] = MISSING
 
 
-SOURCES = {"maxout": "layers", "torchvision": "arch", "zoo": "arch", "module": "_target_"}   # source -> its key
+SOURCES = {"maxout": "layers", "torchvision": "arch", "zoo": "arch", "timm": "arch", "module": "_target_"}   # -> its key
 
 
 @dataclass
 class Network:
     """Where a teacher or student comes from: `layers` (the paper's maxout networks, as data), `arch` (a
-    torchvision.models builder, or a network of the CIFAR-100 benchmark's zoo with source=zoo) or `_target_`
-    (any nn.Module class or factory)."""
+    torchvision.models builder; with source=zoo a network of the CIFAR-100 benchmark's zoo; with source=timm any
+    timm.create_model name) or `_target_` (any nn.Module class or factory)."""
     name: Optional[str] = None          # None: the arch or _target_
-    source: Optional[str] = None        # maxout | torchvision | zoo | module; None: from the key that is set
+    source: Optional[str] = None        # maxout | torchvision | zoo | timm | module; None: from the key set
     layers: List[Layer] = field(default_factory=list)
     arch: Optional[str] = None          # torchvision.models.<arch>(num_classes=..., weights=None, **kwargs), zoo.<arch>
     _target_: Optional[str] = None      # dotted path, called with kwargs (and num_classes if it takes it)
     kwargs: Dict[str, Any] = field(default_factory=dict)   # +teacher.KEY=VALUE lands here too
     weights: Optional[str] = None       # a state_dict file loaded into the network after building it
+    pretrained: bool = False            # timm: the model's default weights, from the Hugging Face cache or hub
 
     def __post_init__(self):
         given = [k for k in ("layers", "arch", "_target_") if getattr(self, k)]
@@ -74,6 +75,8 @@ class Network:
         self.name = self.name or self.arch or self._target_
         require(not (self.layers and self.kwargs), f"network {self.name!r}: keyword arguments "
                  f"{sorted(self.kwargs)} apply to arch or _target_ networks, not to maxout layers")
+        require(not self.pretrained or self.source == "timm", f"network {self.name!r}: pretrained=true takes a "
+                "timm model's default weights; give other networks weights=PATH")
 
 
 @dataclass
@@ -275,13 +278,13 @@ class HintPair:
 class Hints:
     pairs: List[HintPair] = MISSING
     reduction: str = "code"             # code | paper | mse (see conf/hints/paper.yaml)
-    regressor: str = "paper"            # paper | conv_bn | 1x1 (see conf/hints/paper.yaml)
+    regressor: str = "paper"            # paper | conv_bn | 1x1 | auto (see conf/hints/paper.yaml)
     regressor_init_range: float = 0.05  # paper regressor only: U(-r, r) init ...
     regressor_max_norm: float = 0.9     # ... and max kernel norm (0: none)
 
     def __post_init__(self):
         one_of(self.reduction, ("code", "paper", "mse"), "hints.reduction")
-        one_of(self.regressor, ("paper", "conv_bn", "1x1"), "hints.regressor")
+        one_of(self.regressor, ("paper", "conv_bn", "1x1", "auto"), "hints.regressor")
 
 
 @dataclass

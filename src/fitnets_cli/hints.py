@@ -31,11 +31,14 @@ class HintPlan:
 
 def default_tap(net) -> str:
     """The tap hints use when none is named: the network's own hint point where it names one (the zoo's
-    feat[2]); else the output of the second group of blocks where the network has groups (the CRD benchmark's
-    habit: ResNet `layer2`); else the paper's middle layer: the middle one of the network's module-level taps
-    that output a map."""
+    feat[2]); else the middle stage of a timm model's feature_info (ResNet `layer2`, ConvNeXt `stages.2`,
+    EfficientNet `blocks.2`, ViT `blocks.6` of 12); else the output of the second group of blocks where the
+    network has groups (the CRD benchmark's habit: ResNet `layer2`); else the paper's middle layer: the middle
+    one of the network's module-level taps that output a map."""
     if net.hint_point is not None:
         return net.hint_point
+    if net.stages:
+        return net.stages[len(net.stages) // 2]
     if len(net.groups) >= 2:
         return net.groups[1]
     maps = [t for t in net.blocks if len(net.shapes[t]) == 3]
@@ -80,6 +83,19 @@ def plan(hint: str, guided: str, teacher, guided_shape: tuple, hints) -> HintPla
     (t_c, t_h, t_w), (s_c, s_h, s_w) = hint_shape, guided_shape
     kernel = (s_h - t_h + 1, s_w - t_w + 1)
     kind = hints.regressor
+    if kind == "auto":   # any two maps, whatever their sizes: a CNN's and a transformer's patch grid
+        if hint_shape == guided_shape:
+            return HintPlan(hint, guided, hint_shape, guided_shape, "none (same shape)", None)
+        act = teacher.nonlinearity(hint)[0]
+        shrink = t_h <= s_h and t_w <= s_w and s_h % t_h == 0 and s_w % t_w == 0
+        resize = "" if (s_h, s_w) == (t_h, t_w) else "average-pooled to " if shrink else "bilinear resize to "
+        what = (f"{resize}{t_h}x{t_w}, " if resize else "") + "1x1 conv" + (", relu" if act == "relu" else "")
+
+        def make():
+            sized = [] if not resize else [nn.AdaptiveAvgPool2d((t_h, t_w)) if shrink else
+                                           nn.Upsample(size=(t_h, t_w), mode="bilinear", align_corners=False)]
+            return nn.Sequential(*sized, nn.Conv2d(s_c, t_c, 1), *([nn.ReLU()] if act == "relu" else []))
+        return HintPlan(hint, guided, hint_shape, guided_shape, what, make)
     if kind == "paper":
         if min(kernel) < 1:
             raise ConfigError(f"{where}: the teacher's map is larger than the student's, so no unpadded regressor "

@@ -9,13 +9,19 @@ from fitnets_cli.ui import console
 
 
 def tap_table(net, role: str, marked: set[str]) -> Table:
-    """A network's taps in forward order with their output shapes; `marked` taps carry an arrow."""
+    """A network's taps with their output shapes: its stages first (a timm model's feature_info), then every
+    tap in forward order; token sequences say so; `marked` taps carry an arrow."""
     table = Table(title=f"{role} {net.build_spec['name']}: {len(net.shapes)} taps")
-    for col in ("tap", "output (HxWxC)", ""):
+    described = bool(net.stages or net.tokens)
+    for col in ("tap", "output (HxWxC)", "") + (("kind",) if described else ()):
         table.add_column(col)
-    for tap, shape in net.shapes.items():
+    for tap in net.stages + [t for t in net.shapes if t not in net.stages]:
         mark = f"<- {'hint' if role == 'teacher' else 'guided'}" if tap in marked else ""
-        table.add_row(tap, fmt(shape), mark)
+        kind = "stage, " if tap in net.stages else ""
+        if tap in net.tokens:
+            prefix, grid = net.tokens[tap]
+            kind += f"tokens: {prefix} prefix + {'x'.join(map(str, grid))} patches, read as a map"
+        table.add_row(tap, fmt(net.shapes[tap]), mark, *([kind.rstrip(", ")] if described else []))
     return table
 
 
@@ -42,5 +48,6 @@ def default(configured: str | None, net) -> str:
         return f"{configured} (its config)"
     if net.hint_point is not None:
         return f"{net.hint_point} (the network's hint point)"
-    rule = "the second group of blocks" if len(net.groups) >= 2 else "the middle layer"
+    rule = "the middle stage of feature_info" if net.stages else \
+        "the second group of blocks" if len(net.groups) >= 2 else "the middle layer"
     return f"{default_tap(net)} ({rule})"

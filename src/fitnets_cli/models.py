@@ -89,6 +89,7 @@ class Net(nn.Module):
     """A feed-forward stack of named maxout layers; each layer's output is a tap."""
 
     hint_point = None   # the paper's hint and guided layers are named in the YAML specs
+    stages, tokens = [], {}   # (the seam's: no feature_info stages, no token sequences)
 
     def __init__(self, specs: list[Layer], in_shape, num_classes: int, dropout_input=0.0, dropout=0.0):
         super().__init__()

@@ -7,7 +7,10 @@
   nonlinearity(tap)       ("maxout", pieces) | ("relu", 1) | ("linear", 1): what the paper's regressor copies
   hint_point              the tap the network names as its default hint/guided point (a `hint_point`
                           attribute of the module, as the zoo's), or None
-  blocks, groups          its module-level taps and groups of blocks, for the default hint/guided rule
+  stages, blocks, groups  its stages (a timm model's feature_info), module-level taps and groups of blocks, for
+                          the default hint/guided rule
+  tokens                  {tap: (prefix tokens, patch grid)} of the taps that output token sequences, which
+                          `taps` and `shapes` give as maps of their patch tokens
   build_spec              how to build it again, recorded in checkpoints
 
 The paper's maxout networks (models.Net) implement it directly. Any other nn.Module (a torchvision model, a
@@ -19,6 +22,7 @@ import copy
 import difflib
 import importlib
 import inspect
+import math
 import re
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,7 +42,12 @@ class Tapped(nn.Module):
     """Any nn.Module behind the seam. Taps are the torch.fx nodes of its forward pass, named by module path
     (`layer2`, `layer2.1.conv1`) or, for what a path cannot name, by FX node name (`layer2.1.add`, the sum of
     a residual block). A module that runs k > 1 times per pass has one tap per call: `path_0` ... `path_{k-1}`.
-    Grey images go to a model whose first convolution takes more channels as that many copies."""
+    Grey images go to a model whose first convolution takes more channels as that many copies.
+
+    timm models are traced with timm's own leaf modules, so that taps are the model's layers, not their
+    internals; their default hint point is the middle stage of `feature_info`. A tap that outputs a vision
+    transformer's token sequence (prefix tokens, then a grid of patch tokens) is read as the map of its patch
+    tokens, (C, H, W) on the patch grid, so that hints join CNNs and transformers; `tokens` records them."""
 
     def __init__(self, model: nn.Module, in_shape, num_classes: int, name: str):
         super().__init__()
@@ -48,17 +57,40 @@ class Tapped(nn.Module):
         self.repeat = first.in_channels if first and in_shape[0] == 1 and first.in_channels > 1 else 1
         self._extractors = {}   # frozenset of FX nodes -> truncated graph (not a submodule: no second state)
         self._compile = None    # torch.compile's arguments once compile() was called
+        self._tracer = timm_tracer(model)
         try:
-            nodes = get_graph_node_names(model)[1][1:]   # eval-mode nodes, less the input
+            nodes = get_graph_node_names(model, tracer_kwargs=self._fx_kwargs(), suppress_diff_warning=True)[1][1:]
         except Exception as err:
             raise ConfigError(f"network {name}: torch.fx cannot trace it ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:150]}), and fitnets reads hint taps from the trace") from None
-        self._node = tap_names(nodes, {n for n, m in model.named_modules() if n and not list(m.children())})
-        probe = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True)
+        leaves = {n for n, m in model.named_modules() if n and not list(m.children())}
+        self._node = tap_names(nodes, leaves | set(self._tracer.get("leaf_names", ())))
+        probe = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True,
+                                         tracer_kwargs=self._fx_kwargs())
         was = model.training
-        with torch.no_grad():
-            outputs = probe.eval()(self._input(torch.zeros(2, *in_shape)))
+        try:
+            with torch.no_grad():
+                outputs = probe.eval()(self._input(torch.zeros(2, *in_shape)))
+        except Exception as err:
+            raise ConfigError(f"network {name} does not run on {tuple(in_shape)} images ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:150]}); give the images the size it takes "
+                              "(dataset.images.size=...) or build it for these (+teacher.img_size=... / "
+                              "+student.img_size=...)") from None
         model.train(was)
+        # Outputs that are maps in another layout: token sequences (node -> (prefix tokens, patch grid)) and,
+        # in a channels-last model such as Swin, (N, H, W, C) maps (node -> None).
+        self._layout = {}
+        prefix, grid = getattr(model, "num_prefix_tokens", None), getattr(getattr(model, "patch_embed", None),
+                                                                          "grid_size", None)
+        for node, out in outputs.items():
+            if not isinstance(out, torch.Tensor):
+                continue
+            if prefix is not None and grid and out.dim() == 3 and out.shape[1] == prefix + math.prod(grid):
+                self._layout[node] = (prefix, tuple(grid))
+            elif getattr(model, "output_fmt", None) == "NHWC" and out.dim() == 4:
+                self._layout[node] = None
+            if node in self._layout:
+                outputs[node] = as_map(out, self._layout[node])
         shape = {node: tuple(out.shape[1:]) for node, out in outputs.items()
                  if isinstance(out, torch.Tensor) and out.dim() > 1}
         self._logits = nodes[-1]
@@ -78,9 +110,15 @@ class Tapped(nn.Module):
         self.blocks = [t for t in self.shapes if t in modules or call_of(t) in modules]
         self.groups = [path for path, child in model.named_children() if path in self.shapes
                        and any(list(grandchild.children()) for grandchild in child.children())]
+        stages = [f["module"] for f in getattr(model, "feature_info", []) if f.get("module") in self.shapes]
         self.hint_point = getattr(model, "hint_point", None)
+        self.stages = stages   # timm's feature_info stages, shallowest first
+        self.tokens = {tap: self._layout[node] for tap, node in self._node.items() if self._layout.get(node)}
         if self.hint_point is not None and self.hint_point not in self.shapes:
             raise ConfigError(f"network {name} names hint_point {self.hint_point!r}, which is not one of its taps")
+
+    def _fx_kwargs(self) -> dict | None:
+        return {k: v for k, v in self._tracer.items() if k != "leaf_names"} or None
 
     def _input(self, x):
         return x.expand(-1, self.repeat, -1, -1) if self.repeat > 1 else x
@@ -88,7 +126,8 @@ class Tapped(nn.Module):
     def _extract(self, nodes):
         key = frozenset(nodes)
         if key not in self._extractors:
-            gm = create_feature_extractor(self.model, return_nodes=sorted(key), suppress_diff_warning=True)
+            gm = create_feature_extractor(self.model, return_nodes=sorted(key), suppress_diff_warning=True,
+                                          tracer_kwargs=self._fx_kwargs())
             if self._compile is not None:
                 gm.compile(**self._compile)
             self._extractors[key] = gm
@@ -106,13 +145,13 @@ class Tapped(nn.Module):
             return {None: self(x)}
         nodes = {self._logits if n is None else self._node[n]: n for n in names}
         out = self._extract(nodes)(self._input(x))
-        return {tap: out[node] for node, tap in nodes.items()}
+        return {tap: as_map(out[node], self._layout[node]) if node in self._layout else out[node]
+                for node, tap in nodes.items()}
 
     def depends(self, name: str) -> list[nn.Module]:
-        """The modules that own the parameters and buffers on the way to the tap."""
-        gm = self._extract({self._node[name]})
-        owns = lambda m: list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-        return [m for m in gm.modules() if m is not gm and owns(m)]
+        """The network truncated at the tap, whose parameters and buffers are exactly those the tap's output
+        depends on (with a transformer's class token and position embedding, which are the model's own)."""
+        return [self._extract({self._node[name]})]
 
     def nonlinearity(self, name: str) -> tuple[str, int]:
         """relu where the tap is a ReLU's output (a module or F.relu), else linear."""
@@ -127,6 +166,27 @@ class Tapped(nn.Module):
         self.model.compile(**kwargs)
         for gm in self._extractors.values():
             gm.compile(**kwargs)
+
+
+def timm_tracer(model: nn.Module) -> dict:
+    """torch.fx tracer settings for a timm model: timm's leaf modules and functions (`leaf_names`: the paths of
+    the model's leaf modules among them); none for other models."""
+    if not type(model).__module__.startswith("timm."):
+        return {}
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    leaf = tuple(get_notrace_modules())
+    return {"leaf_modules": list(leaf), "autowrap_functions": list(get_notrace_functions()),
+            "leaf_names": [n for n, m in model.named_modules() if n and isinstance(m, leaf)]}
+
+
+def as_map(out: torch.Tensor, tokens: tuple | None) -> torch.Tensor:
+    """An (N, C, H, W) map from a token sequence (N, prefix + H*W, C), `tokens` = (prefix, (H, W)): its patch
+    tokens on their grid; or, with tokens None, from a channels-last (N, H, W, C) map."""
+    if tokens is None:
+        return out.permute(0, 3, 1, 2)
+    prefix, grid = tokens
+    return out[:, prefix:].transpose(1, 2).reshape(len(out), out.shape[2], *grid)
 
 
 def tap_names(nodes: list[str], leaves: set[str]) -> dict[str, str]:
@@ -168,9 +228,11 @@ def build_network(spec: Network, in_shape, num_classes: int, init_range: float =
         net = build_net(spec.layers, in_shape, num_classes, init_range, dropout_input, dropout)
         net.build_spec = build_spec(spec, net.specs)
     else:
-        net = Tapped(instantiate(spec, num_classes, in_shape[0]), in_shape, num_classes, spec.name)
+        model = timm_model(spec, num_classes, in_shape) if spec.source == "timm" else \
+            instantiate(spec, num_classes, in_shape[0])
+        net = Tapped(model, in_shape, num_classes, spec.name)
         net.build_spec = build_spec(spec)
-    if spec.weights:
+    if spec.weights and spec.source != "timm":   # timm's loader read them, fitting head and channels
         load_weights(net, spec.weights, spec.name)
     return net
 
@@ -211,6 +273,55 @@ def instantiate(spec: Network, num_classes: int, in_channels: int) -> nn.Module:
         raise ConfigError(f"network {spec.name}: {spec._target_ or spec.arch} made a {type(model).__name__}, "
                           "not an nn.Module")
     return model
+
+
+def timm_model(spec: Network, num_classes: int, in_shape) -> nn.Module:
+    """A timm model by name for the dataset's classes, channels and, where the model takes one, image size. Weights
+    come through timm's own pretrained path, which drops a head of another class count and adapts the first
+    convolution to other channels: spec.weights (a file), or spec.pretrained (the model's default weights, from
+    the Hugging Face cache, downloaded where there is a network)."""
+    import timm   # only timm networks need it
+
+    if spec.arch not in timm.list_models():
+        close = difflib.get_close_matches(spec.arch, timm.list_models(), n=5)
+        raise ConfigError(f"arch={spec.arch!r} is not a timm model; closest: {', '.join(close) or 'none'} "
+                          "(timm.list_models() lists them)")
+    load = {}
+    if spec.weights:
+        if not Path(spec.weights).is_file():
+            raise ConfigError(f"weights file {spec.weights} for {spec.name} does not exist")
+        load = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(spec.weights)}}
+    elif spec.pretrained:
+        load = {"pretrained": True}
+    kwargs = {"num_classes": num_classes, "in_chans": in_shape[0], **load}
+    sized = {"img_size": tuple(in_shape[1:]), **spec.kwargs}
+    try:
+        try:
+            return timm.create_model(spec.arch, **kwargs, **sized)
+        except TypeError as err:   # a model without an image size (a CNN)
+            if "img_size" not in str(err) or "img_size" in spec.kwargs:
+                raise
+            return timm.create_model(spec.arch, **kwargs, **spec.kwargs)
+    except TypeError as err:
+        raise ConfigError(f"network {spec.name}: {err}; check its keyword arguments") from None
+    except Exception as err:
+        if not load:
+            raise
+        raise ConfigError(f"network {spec.name}: {pretrained_missing(spec, err)}") from None
+
+
+def pretrained_missing(spec: Network, err: Exception) -> str:
+    """Why a timm model's weights did not load, and how to provide them."""
+    reason = " ".join(str(err).split())[:200]
+    if spec.weights:
+        return f"the weights file {spec.weights} does not load ({reason})"
+    import timm
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    hub = timm.get_pretrained_cfg(spec.arch)
+    where = f"{hub.hf_hub_id} ({hub.hf_hub_filename or 'model.safetensors'})" if hub and hub.hf_hub_id else "its weights"
+    return (f"pretrained=true looked for {where} in the Hugging Face cache {HF_HUB_CACHE} and could not fetch it "
+            f"({reason}); run once with a network, copy the cache here, or pass weights=PATH")
 
 
 def build_spec(spec: Network, specs: list[Layer] | None = None) -> dict:

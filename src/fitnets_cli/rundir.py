@@ -92,7 +92,7 @@ def provenance(cfg: TeacherConfig, teacher_file: Path | None = None) -> dict:
     if top is None or Path(top) / "src" / "fitnets_cli" != here:
         commit = None   # installed outside a fitnets checkout: no commit to record
     teacher_sha = hashlib.sha256(teacher_file.read_bytes()).hexdigest() if teacher_file else None
-    packages = ("fitnets-cli", "torch", "torchvision", "hydra-core", "omegaconf")
+    packages = ("fitnets-cli", "torch", "torchvision", "timm", "hydra-core", "omegaconf")
     return {"versions": {p: installed_version(p) for p in packages}
             | {"python": platform.python_version()},
             "git_commit": commit, "teacher_sha256": teacher_sha, "split_seed": cfg.data.split_seed, "seed": cfg.seed}

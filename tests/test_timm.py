@@ -1,0 +1,184 @@
+"""timm models behind the seam: built by name for the dataset, their stages and default hint points, token
+sequences read as maps of their patch tokens, hints between CNNs and transformers through both stages, and
+pretrained weights from a file or from the Hugging Face cache that the test fills (nothing is downloaded)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fitnets_cli.config import HintPair, Network
+from fitnets_cli.hints import default_tap, make_regressors, plan_hints
+from fitnets_cli.networks import build_network
+from fitnets_cli.stages import Session, make_stages
+from helpers import failure, main, random_split, tiny_overrides, tiny_run, train_stages, write_tiny_mnist
+
+SHAPE = (1, 28, 28)
+VIT = {"patch_size": 4}   # a 7x7 grid of patch tokens on 28x28 images
+
+
+def timm_net(arch, shape=SHAPE, classes=10, **kwargs):
+    return build_network(Network(source="timm", arch=arch, kwargs=kwargs), shape, classes)
+
+
+# The default hint or guided tap of each family: the middle stage of its feature_info, a stage output (never
+# a head, a dropout or a norm inside a layer).
+@pytest.mark.parametrize("arch, kwargs, stages, default", [
+    ("test_resnet", {}, ["act1", "layer1", "layer2", "layer3", "layer4"], "layer2"),
+    ("test_convnext", {}, ["stages.0", "stages.1", "stages.2", "stages.3"], "stages.2"),
+    ("test_efficientnet", {}, ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4"], "blocks.2"),
+    ("test_vit", VIT, [f"blocks.{i}" for i in range(6)], "blocks.3"),
+    ("swin_tiny_patch4_window7_224", {"window_size": 4, "embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)},
+     ["layers.0", "layers.1", "layers.2", "layers.3"], "layers.2"),   # channels-last stages, read as maps
+])
+def test_each_family_defaults_to_the_middle_stage_of_its_feature_info(arch, kwargs, stages, default):
+    net = timm_net(arch, (3, 32, 32), **kwargs)
+    assert net.stages == stages and default_tap(net) == default and len(net.shapes[default]) == 3
+    assert not any(".drop" in t or t.endswith((".bn1", ".norm")) for t in net.stages)
+    if arch.startswith("swin"):   # (N, H, W, C) in the model, (C, H, W) behind the seam
+        assert net.shapes["layers.0"] == (32, 8, 8) and not net.tokens
+    x = torch.rand(2, 3, 32, 32)
+    assert net.taps(x, [default])[default].shape == (2, *net.shapes[default])
+
+
+@pytest.mark.parametrize("arch, kwargs, prefix", [
+    ("test_vit", VIT, 1),                                       # a class token
+    ("test_vit", {**VIT, "reg_tokens": 4}, 5),                  # and four register tokens
+    ("deit_tiny_distilled_patch16_224", {**VIT, "depth": 2}, 2),   # class and distillation tokens
+])
+def test_token_sequences_are_read_as_the_map_of_their_patch_tokens(arch, kwargs, prefix):
+    net = timm_net(arch, **kwargs)
+    width = net.model.embed_dim
+    assert net.tokens["blocks.1"] == (prefix, (7, 7)) and net.shapes["blocks.1"] == (width, 7, 7)
+    x = torch.rand(2, *SHAPE)
+    seen = {}
+    net.model.blocks[1].register_forward_hook(lambda m, i, out: seen.setdefault("out", out))
+    net.eval()(x)
+    tokens = seen["out"]
+    assert tokens.shape == (2, prefix + 49, width)
+    mapped = net.taps(x, ["blocks.1"])["blocks.1"]
+    assert torch.equal(mapped[:, :, 2, 3], tokens[:, prefix + 2 * 7 + 3])   # patch (row 2, column 3)
+
+
+def test_the_patch_embedding_and_position_embedding_train_in_stage_one():
+    student = timm_net("test_vit", **VIT)
+    trained = {id(p) for m in student.depends("blocks.1") for p in m.parameters()}
+    model = student.model
+    assert {id(model.cls_token), id(model.pos_embed), id(model.patch_embed.proj.weight)} <= trained
+    assert all(id(p) in trained for p in model.blocks[1].parameters())
+    assert not any(id(p) in trained for p in model.blocks[2].parameters()) and id(model.head.weight) not in trained
+
+
+@pytest.mark.parametrize("teacher_arch, teacher_kwargs, student_arch, student_kwargs, regressor", [
+    ("test_vit", VIT, "test_resnet", {}, "1x1 conv"),                                # a CNN guided by tokens
+    ("test_resnet", {}, "test_vit", VIT, "bilinear resize to 4x4, 1x1 conv, relu"),   # a ViT guided by a map
+])
+def test_hints_join_cnns_and_transformers_through_both_stages(make_config, tmp_path, teacher_arch, teacher_kwargs,
+                                                               student_arch, student_kwargs, regressor):
+    torch.manual_seed(0)
+    cfg = make_config("train", ["dataset=mnist", "hints.regressor=auto", "recipe.student.lr=0.001"])
+    teacher = timm_net(teacher_arch, **teacher_kwargs).eval().requires_grad_(False)
+    student = timm_net(student_arch, **student_kwargs)
+    [plan] = plan_hints(teacher, student, [HintPair()], cfg.hints)
+    assert plan.regressor.endswith(regressor) or regressor in plan.regressor, plan.regressor
+    s = Session(student, teacher, make_regressors([plan]))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    run = tiny_run(cfg, tmp_path)
+    [hint] = train_stages(run, s, make_stages(["hint"], [plan]), random_split(16, 0), None, [1])
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    depends = {id(t) for m in student.depends(plan.guided) for t in [*m.parameters(), *m.buffers()]}
+    assert moved and all(id(student.state_dict(keep_vars=True)[k]) in depends for k in moved)
+    assert torch.isfinite(torch.tensor(hint["history"][0]["train_hint"]))
+    [kd] = train_stages(run, s, make_stages(["kd"], [plan]), random_split(16, 0), None, [1])
+    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
+    assert {"train_ce", "train_kd"} <= set(kd["history"][0])
+
+
+def test_a_vit_teacher_and_a_cnn_student_run_both_stages_from_the_command_line(tmp_path):
+    base = tiny_overrides(write_tiny_mnist(tmp_path / "data"), tmp_path / "teachers")
+    vit = ["teacher=timm", "teacher.arch=test_vit", "+teacher.patch_size=4", "recipe.teacher.lr=0.001"]
+    main("train-teacher", *base, *vit, f"hydra.run.dir={tmp_path / 'teacher'}")
+    run = tmp_path / "student"
+    out = main("train", *base, *vit, "student=timm", "student.arch=test_resnet", "hints.regressor=auto",
+               "recipe.student.max_epochs=1", "recipe.student.lr=0.001", f"hydra.run.dir={run}")
+    assert "│ layer2           │ 4x4x48 │ blocks.3       │ 7x7x64 │ bilinear resize to 7x7, 1x1 conv │ 3,136" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [s["name"] for s in metrics["stages"]] == ["hint:layer2<-blocks.3", "kd"]
+    evaluated = main("eval", f"checkpoint={run / 'checkpoints' / 'student.pt'}", "device=cpu",
+                     f"data.root={tmp_path / 'data'}")
+    assert f"{metrics['test']['acc']:.2%}" in evaluated
+
+
+def test_a_weights_file_of_another_class_count_loads_without_its_head(tmp_path):
+    torch.manual_seed(1)
+    imagenet = timm_net("test_resnet", (3, 32, 32), 1000).model.state_dict()
+    torch.save(imagenet, tmp_path / "imagenet.pth")
+    net = build_network(Network(source="timm", arch="test_resnet", weights=str(tmp_path / "imagenet.pth")),
+                        (3, 32, 32), 10)
+    mine = net.model.state_dict()
+    assert mine["fc.weight"].shape == (10, imagenet["fc.weight"].shape[1])
+    assert all(torch.equal(mine[k], v) for k, v in imagenet.items() if not k.startswith("fc."))
+
+
+def hub_cache(root, arch) -> tuple[dict, str]:
+    """Fill a Hugging Face cache under root with a checkpoint of `arch` where timm looks for its default weights;
+    return the weights and the repository id."""
+    import timm
+
+    repo = timm.get_pretrained_cfg(arch).hf_hub_id
+    snapshot = root / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    torch.manual_seed(2)
+    weights = timm.create_model(arch).state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, snapshot / "model.safetensors")
+    return weights, repo
+
+
+PROBE = ("import sys, torch; from fitnets_cli.config import Network; from fitnets_cli.networks import build_network; "
+         "net = build_network(Network(source='timm', arch='test_resnet', pretrained=True), (3, 32, 32), 10); "
+         "torch.save(net.model.state_dict(), sys.argv[1])")
+
+
+def test_pretrained_weights_come_from_the_hugging_face_cache_offline(tmp_path):
+    weights, repo = hub_cache(tmp_path / "hf", "test_resnet")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", PROBE, tmp_path / "got.pt"], env=env, check=True, timeout=300)
+    got = torch.load(tmp_path / "got.pt", weights_only=True)
+    assert all(torch.equal(got[k], v) for k, v in weights.items() if not k.startswith("fc."))
+    # The same, with the cache empty: one line naming what was looked for, and how to provide it.
+    env["HF_HOME"] = str(tmp_path / "empty")
+    proc = subprocess.run([sys.executable, "-m", "fitnets_cli", "layers", "dataset=cifar10", "teacher=timm",
+                           "teacher.arch=test_resnet", "teacher.pretrained=true", "student=fitnet4"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"pretrained=true looked for {repo}" in lines[0] and str(tmp_path / "empty") in lines[0]
+    assert "pass weights=PATH" in lines[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["teacher.arch=vit_tiny_patch16_224", "+teacher.dynamic_img_size=false", "+teacher.img_size=224"],
+     "network vit_tiny_patch16_224 does not run on (3, 32, 32) images"),
+    (["teacher.arch=resnet1O"], "arch='resnet1O' is not a timm model; closest: resnet18"),
+    (["teacher.arch=test_resnet", "+teacher.no_such_option=1"], "network test_resnet: "),
+])
+def test_bad_timm_input_stops_in_one_line_with_the_fix(tmp_path, args, says):
+    line = failure("train", "dataset=cifar10", "teacher=timm", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert says in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_weights_file_and_pretrained_on_another_source_stop_in_one_line(tmp_path):
+    assert "weights file /nonexistent.pth for test_resnet does not exist" in failure(
+        "layers", "teacher=timm", "teacher.arch=test_resnet", "teacher.weights=/nonexistent.pth",
+        f"hydra.run.dir={tmp_path / 'run'}")
+    assert "pretrained=true takes a timm model's default weights" in failure(
+        "layers", "teacher=torchvision", "teacher.arch=resnet18", "teacher.pretrained=true",
+        f"hydra.run.dir={tmp_path / 'run'}")
