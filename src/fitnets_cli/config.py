@@ -192,7 +192,7 @@ class Data:
 
 @dataclass
 class Optim:
-    optimizer: str = "rmsprop"          # rmsprop | sgd
+    optimizer: str = "rmsprop"          # rmsprop | sgd | adamw (decoupled weight decay, as timm trains ViTs)
     lr: float = MISSING
     conv_lr_scale: float = 1.0          # LR multiplier of conv layers
     rms_decay: float = 0.9
@@ -204,6 +204,8 @@ class Optim:
     lr_decay_saturate: int = 0
     lr_exp_decay: float = 1.0           # divide the LR by this after every update (pylearn2 ExponentialDecay)
     lr_min: float = 0.0                 # ... but never below this
+    lr_cosine: bool = False             # cosine from the LR to lr_min over max_epochs, by epoch (timm's recipes)
+    warmup_epochs: int = 0              # the first epochs ramp linearly up to the LR
     lr_steps: List[int] = field(default_factory=list)   # from each of these (0-based) epochs on, LR x lr_step_factor
     lr_step_factor: float = 0.1
     lr_batch: int = 0                   # lr is for batches of this many images: scaled by batch_size / lr_batch
@@ -218,7 +220,7 @@ class Optim:
     augment: Optional[Augment] = None   # None: the dataset's augmentation
 
     def __post_init__(self):
-        one_of(self.optimizer, ("rmsprop", "sgd"), "optimizer")
+        one_of(self.optimizer, ("rmsprop", "sgd", "adamw"), "optimizer")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         require(self.max_epochs > 0, f"max_epochs must be > 0, got {self.max_epochs}")
@@ -229,7 +231,10 @@ class Optim:
                  "lr_step_factor must be in (0, 1] and lr_steps epochs > 0")
         # Settings that would otherwise be accepted and have no effect:
         require(self.optimizer == "sgd" or self.momentum == self.momentum_final == 0,
-                 "momentum / momentum_final apply to optimizer=sgd only; set them to 0 with rmsprop")
+                 "momentum / momentum_final apply to optimizer=sgd only; set them to 0 with rmsprop or adamw")
+        require(not self.lr_cosine or (self.lr_decay_factor == 1 and not self.lr_steps),
+                 "lr_cosine replaces lr_decay_factor and lr_steps; use one LR schedule")
+        require(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
         require(self.lr_decay_factor == 1 or self.lr_decay_saturate > 0,
                  "lr_decay_factor needs lr_decay_saturate > 0 (the epoch at which the decay ends)")
         require(self.momentum_final == 0 or self.momentum_saturate > 0,

@@ -231,7 +231,7 @@ def timed(batches, waited: list):
 
 
 def make_optimizer(modules: list[nn.Module], regressors, optim: Optim):
-    """RMSProp or SGD over the modules' parameters, the student's convolutions at conv_lr_scale x the LR
+    """RMSProp, SGD or AdamW over the modules' parameters, the student's convolutions at conv_lr_scale x the LR
     (the authors' W_lr_scale); regressors keep the base LR."""
     conv, rest, seen = [], [], set()
     for top in modules:
@@ -247,17 +247,23 @@ def make_optimizer(modules: list[nn.Module], regressors, optim: Optim):
     if optim.optimizer == "rmsprop":
         return torch.optim.RMSprop(groups, lr=optim.lr, alpha=optim.rms_decay, eps=optim.rms_eps,
                                    weight_decay=optim.weight_decay)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 def set_hyper(opt, optim: Optim, epoch: int, update: int) -> float:
-    """Apply the LR (scaled to the batch; linear decay and steps by epoch, exponential decay by update) and the
-    momentum ramp at this update of the stage; return the base LR."""
+    """Apply the LR (scaled to the batch; linear or cosine decay, steps and warm-up by epoch, exponential decay by
+    update) and the momentum ramp at this update of the stage; return the base LR."""
     ramp = lambda saturate: min(epoch / saturate, 1.0) if saturate > 0 else 0.0
     lr = optim.lr * (1 - (1 - optim.lr_decay_factor) * ramp(optim.lr_decay_saturate))
     if optim.lr_batch:   # the linear scaling rule: the LR is given for lr_batch images
         lr *= optim.batch_size / optim.lr_batch
     lr *= optim.lr_step_factor ** sum(epoch >= step for step in optim.lr_steps)
+    if optim.lr_cosine:
+        lr = optim.lr_min + (lr - optim.lr_min) * (1 + math.cos(math.pi * epoch / optim.max_epochs)) / 2
+    if epoch < optim.warmup_epochs:
+        lr *= (epoch + 1) / (optim.warmup_epochs + 1)
     if optim.lr_exp_decay != 1:
         lr = max(lr / optim.lr_exp_decay ** update, optim.lr_min)
     momentum = optim.momentum + (optim.momentum_final - optim.momentum) * ramp(optim.momentum_saturate)
