@@ -156,7 +156,8 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
     grid = [[f"{k}={v}" for v in str(vals).split(",")] for k, vals in params.items()]
     jobs = list(itertools.product(*grid))
     expected = {"depth_study": 24, "cifar10_table5": 4, "mnist_table4": 3, "mnist_table4_cpu": 9, "svhn": 2,
-                "imagenet_r34_r18": 4, "crd_cifar100": 13 * 4, "crd_mnist_cpu": 4}
+                "imagenet_r34_r18": 4, "crd_cifar100": 13 * 4, "crd_mnist_cpu": 4, "mnist_vit_to_cnn_cpu": 4,
+                "mnist_cnn_to_vit_cpu": 4, "ofa_cifar100": 4 * 4}
     assert len(jobs) == expected.get(experiment, 1)
     # The ImageNet preset's teacher comes trained, from a file; its shape comes from the image files.
     given = ["teacher.weights=resnet34.pth"] if experiment == "imagenet_r34_r18" else []
@@ -164,7 +165,7 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
 
     def net(spec, shape, classes):
         if repr(spec) not in built:
-            built[repr(spec)] = build_network(replace(spec, weights=None), shape, classes)
+            built[repr(spec)] = build_network(replace(spec, weights=None, pretrained=False), shape, classes)
         return built[repr(spec)]
 
     for job in jobs:

@@ -4,6 +4,7 @@ pretrained weights from a file or from the Hugging Face cache that the test fill
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fitnets_cli.config import HintPair, Network
+from fitnets_cli.config import ConfigError, HintPair, Network
 from fitnets_cli.hints import default_tap, make_regressors, plan_hints
 from fitnets_cli.networks import build_network
 from fitnets_cli.stages import Session, make_stages
@@ -179,6 +180,128 @@ def test_a_missing_weights_file_and_pretrained_on_another_source_stop_in_one_lin
     assert "weights file /nonexistent.pth for test_resnet does not exist" in failure(
         "layers", "teacher=timm", "teacher.arch=test_resnet", "teacher.weights=/nonexistent.pth",
         f"hydra.run.dir={tmp_path / 'run'}")
-    assert "pretrained=true takes a timm model's default weights" in failure(
-        "layers", "teacher=torchvision", "teacher.arch=resnet18", "teacher.pretrained=true",
+    assert "pretrained=true takes a timm or torchvision model's default weights" in failure(
+        "layers", "teacher=zoo", "teacher.pretrained=true",
         f"hydra.run.dir={tmp_path / 'run'}")
+
+
+def torch_hub_cache(root, arch) -> dict:
+    """Write a checkpoint of the torchvision model `arch` where torch.hub looks for its IMAGENET1K_V1 weights;
+    return its weights."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    torch.manual_seed(3)
+    state = getattr(torchvision.models, arch)(weights=None).state_dict()
+    (root / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, root / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1])
+    return state
+
+
+def test_torchvision_weight_names_come_from_the_torch_hub_cache_with_a_head_for_the_data(tmp_path, monkeypatch):
+    state = torch_hub_cache(tmp_path / "torch", "mobilenet_v3_small")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for spec in (Network(arch="mobilenet_v3_small", weights="IMAGENET1K_V1"),
+                 Network(arch="mobilenet_v3_small", pretrained=True)):   # DEFAULT is IMAGENET1K_V1 here
+        mine = build_network(spec, (1, 28, 28), 10).model.state_dict()
+        assert mine["classifier.3.weight"].shape == (10, 1024)
+        assert all(torch.equal(mine[k], v) for k, v in state.items() if not k.startswith("classifier.3."))
+    # An empty cache and no network: one line naming the file looked for, and how to provide it.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(ConfigError, match=r"weights IMAGENET1K_V1 looked for .*empty/hub/checkpoints/"
+                                          r"mobilenet_v3_small-\w+\.pth in the torch hub cache .*offline"):
+        build_network(Network(arch="mobilenet_v3_small", weights="IMAGENET1K_V1"), (1, 28, 28), 10)
+    with pytest.raises(ConfigError, match="no weights IMAGENET1K_V9 for it; its weights: DEFAULT, IMAGENET1K_V1"):
+        build_network(Network(arch="mobilenet_v3_small", weights="IMAGENET1K_V9"), (1, 28, 28), 10)
+
+
+def test_train_teacher_fine_tunes_torchvision_imagenet_weights_and_eval_rebuilds_it(tmp_path, monkeypatch):
+    state = torch_hub_cache(tmp_path / "torch", "mobilenet_v3_small")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    base = tiny_overrides(write_tiny_mnist(tmp_path / "data"), tmp_path / "teachers")
+    run = tmp_path / "teacher"
+    main("train-teacher", *base, "teacher=torchvision", "teacher.arch=mobilenet_v3_small",
+         "teacher.weights=IMAGENET1K_V1", "recipe.teacher.max_epochs=1", f"hydra.run.dir={run}")
+    tuned = torch.load(tmp_path / "teachers" / "mobilenet_v3_small-mnist.pt", weights_only=False)["state_dict"]
+    # Started from the cached weights: fine-tuning moved them only a little.
+    first = "model.features.0.0.weight"
+    assert (tuned[first] - state["features.0.0.weight"]).abs().max() < 0.1 * state["features.0.0.weight"].abs().max()
+    metrics = json.loads((run / "metrics.json").read_text())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))   # eval rebuilds the network, needs no weights
+    out = main("eval", f"checkpoint={tmp_path / 'teachers' / 'mobilenet_v3_small-mnist.pt'}", "device=cpu",
+               f"data.root={tmp_path / 'data'}")
+    assert f"{metrics['test']['acc']:.2%}" in out
+
+
+class Gated(torch.nn.Module):
+    """A user's network that torch.fx cannot trace (its forward branches on the data), with a parameter of its own."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        nn = torch.nn
+        self.offset = nn.Parameter(torch.zeros(1, 8, 1, 1))
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.tail = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x) + self.offset
+        if x.mean() > -1e9:
+            x = self.body(x)
+        return self.head(self.tail(x).mean((2, 3)))
+
+
+def test_a_network_torch_fx_cannot_trace_is_read_with_forward_hooks_through_both_stages(make_config, tmp_path):
+    from fitnets_cli.networks import Hooked
+
+    torch.manual_seed(0)
+    student = build_network(Network(_target_="test_timm.Gated"), SHAPE, 10)
+    assert isinstance(student, Hooked) and "TraceError" in student.untraceable
+    assert list(student.shapes) == ["stem.0", "stem.1", "stem", "body.0", "body.1", "body", "tail", "head"]
+    assert student.shapes["body"] == (8, 14, 14) and student.shapes["head"] == (10,)
+    x, ran = torch.rand(2, *SHAPE), []
+    student.model.tail.register_forward_hook(lambda *a: ran.append("tail"))
+    body = student.taps(x, ["body"])["body"]
+    assert not ran and torch.equal(body, student.model.body(student.model.stem(x) + student.model.offset))
+    assert torch.equal(student.taps(x, [None])[None], student(x)) and ran == ["tail", "tail"]
+    # Stage 1 trains what the guided tap depends on: the stem, the body and the model's own offset; not the rest.
+    cfg = make_config("train", ["dataset=mnist", "hints.regressor=auto", "recipe.student.lr=0.01"])
+    teacher = timm_net("test_resnet").eval().requires_grad_(False)
+    [plan] = plan_hints(teacher, student, [HintPair(hint="layer2", guided="body")], cfg.hints)
+    s = Session(student, teacher, make_regressors([plan]))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    [hint] = train_stages(tiny_run(cfg, tmp_path), s, make_stages(["hint"], [plan]), random_split(16, 0), None, [1])
+    moved = {k.split(".")[1] for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"offset", "stem", "body"}, moved
+    [kd] = train_stages(tiny_run(cfg, tmp_path), s, make_stages(["kd"], [plan]), random_split(16, 0), None, [1])
+    assert {k.split(".")[1] for k, v in student.state_dict().items() if not torch.equal(v, before[k])} >= {"tail", "head"}
+
+
+def test_layers_lists_the_hooked_taps_of_a_network_torch_fx_cannot_trace():
+    out = main("layers", "dataset=mnist", "student=module", "student._target_=test_timm.Gated")
+    assert "read with forward hooks" in out and re.search(r"│ body.0 +│ 14x14x8 +│ <- guided", out), out
+
+
+def test_compare_sets_ofas_published_fitnet_figures_under_runs_of_its_pairs():
+    from fitnets_cli.compare import benchmark_records, benchmark_table
+
+    run = {"role": "student", "dataset": "cifar100_224", "teacher": "vit_small_patch16_224", "model": "resnet18",
+           "seeds": 1, "test_acc": 70.5, "test_acc_last": 70.25}
+    rows = [{**run, "schedule": "crd_fitnet"}, {**run, "schedule": "fitnets"}]
+    header, lines = benchmark_table(benchmark_records(rows), "accuracy")
+    assert header == ["method", "vit_small_patch16_224 -> resnet18"]
+    assert lines == [["FitNet (crd_fitnet)", "70.25 (70.50)"], ["  published", "77.71"],
+                     ["FitNets, two stages (fitnets)", "70.25 (70.50)"]]
+
+
+@pytest.mark.parametrize("target, says", [
+    ("torch.nn.Flatten", "network torch.nn.Flatten outputs (3072,) for (3, 32, 32) images; fitnets needs (10,) logits"),
+    ("test_timm.Gated", "network test_timm.Gated does not run on (3, 32, 32) images (RuntimeError: "),   # hooked
+])
+def test_a_module_without_logits_or_that_rejects_the_images_stops_in_one_line(tmp_path, target, says):
+    line = failure("train", "dataset=cifar10", "student=module", f"student._target_={target}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert says in line, line
+    assert not (tmp_path / "run").exists()

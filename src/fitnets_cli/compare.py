@@ -46,7 +46,7 @@ NOT_IDENTITY = ("seed", "command", "device", "counting", "checkpoint", "eval_bat
 # on all 50,000 training images. Per (teacher, student): the teacher, the student trained alone, KD, and
 # "FitNet", the one-stage imitation that schedule=crd_fitnet runs (the paper's two stages, schedule=fitnets,
 # were not in the benchmark).
-PUBLISHED = {
+CRD = {
     ("wrn_40_2", "wrn_16_2"): (75.61, 73.26, 74.92, 73.58),
     ("wrn_40_2", "wrn_40_1"): (75.61, 71.98, 73.54, 72.24),
     ("resnet56", "resnet20"): (72.34, 69.06, 70.66, 69.21),
@@ -61,7 +61,21 @@ PUBLISHED = {
     ("resnet32x4", "ShuffleV2"): (79.42, 71.82, 74.45, 73.54),
     ("wrn_40_2", "ShuffleV1"): (75.61, 70.50, 74.83, 73.73),
 }
-PUBLISHED_METHODS = ("teacher", "backprop", "kd", "crd_fitnet")
+# (dataset, teacher, student) -> {method: published CIFAR-100 test accuracy %}: the CRD benchmark's, and the
+# FitNet figures of OFA's heterogeneous pairs (Hao et al., One-for-All KD, NeurIPS 2023, its CIFAR-100 table;
+# experiment=ofa_cifar100), a one-stage imitation, crd_fitnet here.
+PUBLISHED = {("cifar100", *pair): dict(zip(("teacher", "backprop", "kd", "crd_fitnet"), figures))
+             for pair, figures in CRD.items()}
+PUBLISHED.update({
+    ("cifar100_224", "swin_tiny_patch4_window7_224", "resnet18"): {"crd_fitnet": 78.87},
+    ("cifar100_224", "vit_small_patch16_224", "resnet18"): {"crd_fitnet": 77.71},
+    ("cifar100_224", "vit_small_patch16_224", "mobilenetv2_100"): {"crd_fitnet": 73.54},
+    ("cifar100_224", "convnext_tiny", "deit_tiny_patch16_224"): {"crd_fitnet": 60.78},
+})
+SOURCES = {"cifar100": "the CRD paper's Tables 1-2 (Tian et al., ICLR 2020; HobbitLong/RepDistiller), last epoch, "
+                       "trained on all 50,000 training images; its FitNet is crd_fitnet here",
+           "cifar100_224": "OFA's CIFAR-100 table (Hao et al., NeurIPS 2023; Hao840/OFAKD), its one-stage FitNet "
+                           "(crd_fitnet here)"}
 METHODS = {"teacher": "teacher", "backprop": "student (backprop)", "kd": "KD", "hint_joint": "hint_joint",
            "crd_fitnet": "FitNet (crd_fitnet)", "fitnets": "FitNets, two stages (fitnets)"}
 # A teacher's run is also unaffected by the student settings of the config it was trained under.
@@ -275,10 +289,10 @@ def benchmark_records(rows: list[dict]) -> list[dict]:
     students = [r for r in rows if r["role"] == "student" and r.get("teacher") and "test_acc" in r]
     pairs = list(dict.fromkeys((r["dataset"], r["teacher"], r["model"]) for r in students))
     known = list(PUBLISHED)
-    pairs.sort(key=lambda p: known.index(p[1:]) if p[1:] in known else len(known))
+    pairs.sort(key=lambda p: known.index(p) if p in known else len(known))
     records = []
     for dataset, teacher, student in pairs:
-        published = dict(zip(PUBLISHED_METHODS, PUBLISHED.get((teacher, student), ()))) if dataset == "cifar100" else {}
+        published = PUBLISHED.get((dataset, teacher, student), {})
         by_method = {"teacher": [r for r in rows if r["role"] == "teacher" and r["model"] == teacher
                                  and r["dataset"] == dataset and "test_acc" in r]}
         for r in students:
@@ -314,7 +328,7 @@ def benchmark_table(records: list[dict], metric: str) -> tuple[list[str], list[l
                          (f" ± {r['test_acc_last_std']:.2f}" if r["seeds"] > 1 else "") + f" ({value(r['test_acc'])})")
         if any(cells):
             lines.append([METHODS.get(method, method) + (f" [{variant}]" if variant else "")] + cells)
-        if method in PUBLISHED_METHODS and not variant and any(at.get(p, {}).get("published") for p in pairs):
+        if not variant and any(at.get(p, {}).get("published") for p in pairs):
             lines.append(["  published"] + ["" if at.get(p, {}).get("published") is None else
                                             value(at[p]["published"]) for p in pairs])
     return header, lines
@@ -326,9 +340,9 @@ def show_benchmark(rows: list[dict], cfg: CompareConfig) -> list[dict]:
     if not records:
         raise ConfigError("layout=benchmark needs runs of students trained with a teacher (runs=DIR)")
     header, lines = benchmark_table(records, cfg.metric)
+    cited = [f"{d}: {SOURCES[d]}" for d in dict.fromkeys(r["dataset"] for r in records if r["published"] is not None)]
     note = (f"test {cfg.metric} %: at the last epoch (at the best-validation epoch in brackets), mean ± sample std "
-            "over seeds; published: the CRD paper's Tables 1-2 (Tian et al., ICLR 2020; HobbitLong/RepDistiller), "
-            "last epoch, trained on all 50,000 training images; its FitNet is crd_fitnet here")
+            "over seeds" + "".join(f"; published, {c}" for c in cited))
     if cfg.format == "table" or cfg.out:
         table = Table(title="benchmark", caption=note)
         for i, h in enumerate(header):

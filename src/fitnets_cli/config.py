@@ -60,8 +60,8 @@ class Network:
     arch: Optional[str] = None          # torchvision.models.<arch>(num_classes=..., weights=None, **kwargs), zoo.<arch>
     _target_: Optional[str] = None      # dotted path, called with kwargs (and num_classes if it takes it)
     kwargs: Dict[str, Any] = field(default_factory=dict)   # +teacher.KEY=VALUE lands here too
-    weights: Optional[str] = None       # a state_dict file loaded into the network after building it
-    pretrained: bool = False            # timm: the model's default weights, from the Hugging Face cache or hub
+    weights: Optional[str] = None       # a state_dict file loaded after building; torchvision: or a weight name
+    pretrained: bool = False            # the model's default weights (timm: Hugging Face cache; torchvision: torch hub)
 
     def __post_init__(self):
         given = [k for k in ("layers", "arch", "_target_") if getattr(self, k)]
@@ -75,8 +75,8 @@ class Network:
         self.name = self.name or self.arch or self._target_
         require(not (self.layers and self.kwargs), f"network {self.name!r}: keyword arguments "
                  f"{sorted(self.kwargs)} apply to arch or _target_ networks, not to maxout layers")
-        require(not self.pretrained or self.source == "timm", f"network {self.name!r}: pretrained=true takes a "
-                "timm model's default weights; give other networks weights=PATH")
+        require(not self.pretrained or self.source in ("timm", "torchvision"), f"network {self.name!r}: "
+                "pretrained=true takes a timm or torchvision model's default weights; give other networks weights=PATH")
 
 
 @dataclass

@@ -11,7 +11,8 @@ from fitnets_cli.ui import console
 def tap_table(net, role: str, marked: set[str]) -> Table:
     """A network's taps with their output shapes: its stages first (a timm model's feature_info), then every
     tap in forward order; token sequences say so; `marked` taps carry an arrow."""
-    table = Table(title=f"{role} {net.build_spec['name']}: {len(net.shapes)} taps")
+    hooked = " (read with forward hooks: torch.fx cannot trace it)" if getattr(net, "untraceable", None) else ""
+    table = Table(title=f"{role} {net.build_spec['name']}: {len(net.shapes)} taps{hooked}")
     described = bool(net.stages or net.tokens)
     for col in ("tap", "output (HxWxC)", "") + (("kind",) if described else ()):
         table.add_column(col)

@@ -14,8 +14,9 @@
   build_spec              how to build it again, recorded in checkpoints
 
 The paper's maxout networks (models.Net) implement it directly. Any other nn.Module (a torchvision model, a
-network of the zoo, or the user's own by dotted path) is wrapped in `Tapped`, which reads its taps from a torch.fx trace. A module may
-declare a constraint to apply after every update with a `constrain()` method (maxout layers' max-norm).
+network of the zoo, a timm model, or the user's own by dotted path) is wrapped in `Tapped`, which reads its taps
+from a torch.fx trace, or, where torch.fx cannot trace it, in `Hooked`, which reads them with forward hooks. A
+module may declare a constraint to apply after every update with a `constrain()` method (maxout layers' max-norm).
 """
 
 import copy
@@ -26,6 +27,7 @@ import math
 import re
 from dataclasses import asdict, replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -53,16 +55,14 @@ class Tapped(nn.Module):
         super().__init__()
         self.model = model
         self.in_shape, self.num_classes = tuple(in_shape), num_classes
-        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        self.repeat = first.in_channels if first and in_shape[0] == 1 and first.in_channels > 1 else 1
+        self.repeat = grey_copies(model, in_shape)
         self._extractors = {}   # frozenset of FX nodes -> truncated graph (not a submodule: no second state)
         self._compile = None    # torch.compile's arguments once compile() was called
         self._tracer = timm_tracer(model)
         try:
             nodes = get_graph_node_names(model, tracer_kwargs=self._fx_kwargs(), suppress_diff_warning=True)[1][1:]
         except Exception as err:
-            raise ConfigError(f"network {name}: torch.fx cannot trace it ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:150]}), and fitnets reads hint taps from the trace") from None
+            raise Untraceable(f"{type(err).__name__}: {' '.join(str(err).split())[:150]}") from None
         leaves = {n for n, m in model.named_modules() if n and not list(m.children())}
         self._node = tap_names(nodes, leaves | set(self._tracer.get("leaf_names", ())))
         probe = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True,
@@ -72,31 +72,13 @@ class Tapped(nn.Module):
             with torch.no_grad():
                 outputs = probe.eval()(self._input(torch.zeros(2, *in_shape)))
         except Exception as err:
-            raise ConfigError(f"network {name} does not run on {tuple(in_shape)} images ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())[:150]}); give the images the size it takes "
-                              "(dataset.images.size=...) or build it for these (+teacher.img_size=... / "
-                              "+student.img_size=...)") from None
+            raise probe_failed(name, in_shape, err) from None
         model.train(was)
-        # Outputs that are maps in another layout: token sequences (node -> (prefix tokens, patch grid)) and,
-        # in a channels-last model such as Swin, (N, H, W, C) maps (node -> None).
-        self._layout = {}
-        prefix, grid = getattr(model, "num_prefix_tokens", None), getattr(getattr(model, "patch_embed", None),
-                                                                          "grid_size", None)
-        for node, out in outputs.items():
-            if not isinstance(out, torch.Tensor):
-                continue
-            if prefix is not None and grid and out.dim() == 3 and out.shape[1] == prefix + math.prod(grid):
-                self._layout[node] = (prefix, tuple(grid))
-            elif getattr(model, "output_fmt", None) == "NHWC" and out.dim() == 4:
-                self._layout[node] = None
-            if node in self._layout:
-                outputs[node] = as_map(out, self._layout[node])
+        self._layout = layouts(model, outputs)
         shape = {node: tuple(out.shape[1:]) for node, out in outputs.items()
                  if isinstance(out, torch.Tensor) and out.dim() > 1}
         self._logits = nodes[-1]
-        if shape.get(self._logits) != (num_classes,):
-            raise ConfigError(f"network {name} outputs {tuple(outputs[nodes[-1]].shape[1:])} for {tuple(in_shape)} "
-                              f"images; fitnets needs ({num_classes},) logits (pass num_classes to it)")
+        check_logits(name, outputs[self._logits], in_shape, num_classes)
         for path, module in model.named_modules():   # a container's output is its last node's
             last = next((n for n in reversed(nodes) if n.startswith(path + ".")), None)
             if path and list(module.children()) and last in shape:
@@ -168,6 +150,159 @@ class Tapped(nn.Module):
             gm.compile(**kwargs)
 
 
+class Untraceable(Exception):
+    """torch.fx cannot trace the model (why, in one line)."""
+
+
+class Stop(Exception):
+    """Raised by a forward hook once the taps a pass needs have run."""
+
+
+class Hooked(nn.Module):
+    """An nn.Module that torch.fx cannot trace (data-dependent control flow, say), behind the seam through forward
+    hooks: its taps are the outputs of its modules that run once per pass, by module path, in the order they
+    finish. A pass stops as soon as the taps it needs have run; stage 1 trains the modules that had finished by
+    then and the parameters of those still running around them (a transformer's class token, say)."""
+
+    def __init__(self, model: nn.Module, in_shape, num_classes: int, name: str, untraceable: str):
+        super().__init__()
+        self.model, self.untraceable = model, untraceable
+        self.in_shape, self.num_classes = tuple(in_shape), num_classes
+        self.repeat = grey_copies(model, in_shape)
+        events, outputs = [], {}   # ("start" | "end", path) in call order; each module's first output
+
+        def started(path):
+            def hook(module, args):
+                events.append(("start", path))
+            return hook
+
+        def ended(path):
+            def hook(module, args, out):
+                events.append(("end", path))
+                outputs.setdefault(path, out)
+            return hook
+
+        handles = [h for path, m in model.named_modules()
+                   for h in (m.register_forward_pre_hook(started(path)), m.register_forward_hook(ended(path)))]
+        was = model.training
+        try:
+            with torch.no_grad():
+                logits = model.eval()(self._input(torch.zeros(2, *in_shape)))
+        except Exception as err:
+            raise probe_failed(name, in_shape, err) from None
+        finally:
+            for h in handles:
+                h.remove()
+        model.train(was)
+        check_logits(name, logits, in_shape, num_classes)
+        self._layout = layouts(model, outputs)
+        ends = [path for kind, path in events if kind == "end"]
+        self._events = events
+        self.shapes = {path: tuple(outputs[path].shape[1:]) for path in dict.fromkeys(ends)
+                       if path and ends.count(path) == 1 and isinstance(outputs[path], torch.Tensor)
+                       and outputs[path].dim() > 1}
+        self.blocks = list(self.shapes)
+        self.groups = [path for path, child in model.named_children() if path in self.shapes
+                       and any(list(grandchild.children()) for grandchild in child.children())]
+        self.stages = [f["module"] for f in getattr(model, "feature_info", []) if f.get("module") in self.shapes]
+        self.hint_point = getattr(model, "hint_point", None)
+        self.tokens = {tap: layout for tap, layout in self._layout.items() if layout and tap in self.shapes}
+        if self.hint_point is not None and self.hint_point not in self.shapes:
+            raise ConfigError(f"network {name} names hint_point {self.hint_point!r}, which is not one of its taps")
+
+    def _input(self, x):
+        return x.expand(-1, self.repeat, -1, -1) if self.repeat > 1 else x
+
+    def forward(self, x):
+        return self.model(self._input(x))
+
+    def taps(self, x, names) -> dict:
+        """{tap: output} of the named taps (None: the logits), stopping the pass once they have run."""
+        wanted, got = [n for n in names if n is not None], {}
+
+        def grab(path):
+            def hook(module, args, out):
+                got[path] = out
+                if None not in names and len(got) == len(wanted):
+                    raise Stop
+            return hook
+
+        handles = [self.model.get_submodule(n).register_forward_hook(grab(n)) for n in wanted]
+        logits = None
+        try:
+            logits = self(x)
+        except Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        out = {n: as_map(got[n], self._layout[n]) if n in self._layout else got[n] for n in wanted}
+        return {**out, None: logits} if None in names else out
+
+    def depends(self, name: str) -> list[nn.Module]:
+        """The modules that finished before the tap's output did, and a holder of the own parameters and buffers
+        of the modules still running around it (the model's own, such as a class token)."""
+        until = self._events.index(("end", name))
+        done = {path for kind, path in self._events[:until + 1] if kind == "end"}
+        running = {path for kind, path in self._events[:until + 1] if kind == "start"} - done
+        modules = dict(self.model.named_modules())
+        outermost = [p for p in done if not any(p.startswith(q + ".") for q in done if q)]
+        holder = nn.Module()
+        for path in sorted(running):
+            for key, p in modules[path].named_parameters(prefix=path, recurse=False):
+                holder.register_parameter(key.replace(".", "_"), p)
+            for key, b in modules[path].named_buffers(prefix=path, recurse=False):
+                holder.register_buffer(key.replace(".", "_"), b)
+        return [modules[p] for p in sorted(outermost)] + [holder]
+
+    def nonlinearity(self, name: str) -> tuple[str, int]:
+        """relu where the tap is a ReLU module's output, else linear."""
+        return ("relu", 1) if isinstance(self.model.get_submodule(name), nn.ReLU) else ("linear", 1)
+
+    def compile(self, **kwargs) -> None:
+        """torch.compile the model's forward."""
+        self.model.compile(**kwargs)
+
+
+def grey_copies(model: nn.Module, in_shape) -> int:
+    """How many copies of a grey image a model takes: its first convolution's input channels, or 1."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first and in_shape[0] == 1 and first.in_channels > 1 else 1
+
+
+def probe_failed(name: str, in_shape, err: Exception) -> ConfigError:
+    """The one-line error for a model whose forward pass fails on the data's images."""
+    return ConfigError(f"network {name} does not run on {tuple(in_shape)} images ({type(err).__name__}: "
+                       f"{' '.join(str(err).split())[:150]}); give the images the size it takes "
+                       "(dataset.images.size=...) or build it for these (+teacher.img_size=... / +student.img_size=...)")
+
+
+def check_logits(name: str, logits, in_shape, num_classes: int) -> None:
+    """Stop in one line unless the model's output is (num_classes,) logits."""
+    shape = tuple(logits.shape[1:]) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if shape != (num_classes,):
+        raise ConfigError(f"network {name} outputs {shape} for {tuple(in_shape)} images; fitnets needs "
+                          f"({num_classes},) logits (pass num_classes to it)")
+
+
+def layouts(model: nn.Module, outputs: dict) -> dict:
+    """Outputs that are maps in another layout: token sequences ({key: (prefix tokens, patch grid)}) and, in a
+    channels-last model such as Swin, (N, H, W, C) maps ({key: None}); those outputs become maps in place."""
+    found = {}
+    prefix, grid = getattr(model, "num_prefix_tokens", None), getattr(getattr(model, "patch_embed", None),
+                                                                      "grid_size", None)
+    for key, out in outputs.items():
+        if not isinstance(out, torch.Tensor):
+            continue
+        if prefix is not None and grid and out.dim() == 3 and out.shape[1] == prefix + math.prod(grid):
+            found[key] = (prefix, tuple(grid))
+        elif getattr(model, "output_fmt", None) == "NHWC" and out.dim() == 4:
+            found[key] = None
+        if key in found:
+            outputs[key] = as_map(out, found[key])
+    return found
+
+
 def timm_tracer(model: nn.Module) -> dict:
     """torch.fx tracer settings for a timm model: timm's leaf modules and functions (`leaf_names`: the paths of
     the model's leaf modules among them); none for other models."""
@@ -230,9 +365,12 @@ def build_network(spec: Network, in_shape, num_classes: int, init_range: float =
     else:
         model = timm_model(spec, num_classes, in_shape) if spec.source == "timm" else \
             instantiate(spec, num_classes, in_shape[0])
-        net = Tapped(model, in_shape, num_classes, spec.name)
+        try:
+            net = Tapped(model, in_shape, num_classes, spec.name)
+        except Untraceable as why:
+            net = Hooked(model, in_shape, num_classes, spec.name, str(why))
         net.build_spec = build_spec(spec)
-    if spec.weights and spec.source != "timm":   # timm's loader read them, fitting head and channels
+    if spec.weights and spec.source != "timm" and not weight_name(spec):   # else timm or torchvision loaded them
         load_weights(net, spec.weights, spec.name)
     return net
 
@@ -252,6 +390,8 @@ def instantiate(spec: Network, num_classes: int, in_channels: int) -> nn.Module:
             raise ConfigError(f"arch={spec.arch!r} is not a torchvision.models classifier; closest: "
                               f"{', '.join(close) or 'none'}")
         make, kwargs = getattr(torchvision.models, spec.arch), {"weights": None, **spec.kwargs}
+        if weight_name(spec):
+            return torchvision_pretrained(spec, make, kwargs, num_classes)
     else:
         module, _, attr = spec._target_.rpartition(".")
         try:
@@ -272,6 +412,43 @@ def instantiate(spec: Network, num_classes: int, in_channels: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"network {spec.name}: {spec._target_ or spec.arch} made a {type(model).__name__}, "
                           "not an nn.Module")
+    return model
+
+
+def weight_name(spec: Network) -> str | None:
+    """The torchvision weight name a spec asks for (weights=IMAGENET1K_V1; pretrained=true: DEFAULT), else None."""
+    if spec.source != "torchvision":
+        return None
+    if spec.pretrained:
+        return "DEFAULT"
+    return spec.weights if spec.weights and re.fullmatch(r"[A-Z][A-Z0-9_]*", spec.weights) else None
+
+
+def torchvision_pretrained(spec: Network, make, kwargs: dict, num_classes: int) -> nn.Module:
+    """A torchvision model with its named weights, from the torch hub cache as torchvision takes them (a download
+    where there is a network); a head of another class count is replaced by a fresh one for the dataset's."""
+    enum, name = torchvision.models.get_model_weights(make), weight_name(spec)
+    if name != "DEFAULT" and name not in enum.__members__:
+        raise ConfigError(f"network {spec.name}: torchvision has no weights {name} for it; its weights: DEFAULT, "
+                          f"{', '.join(enum.__members__)}")
+    weights = enum.DEFAULT if name == "DEFAULT" else enum[name]
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    try:
+        model = make(**{**kwargs, "weights": weights})
+    except TypeError as err:
+        raise ConfigError(f"network {spec.name}: {err}; check its keyword arguments") from None
+    except Exception as err:
+        raise ConfigError(f"network {spec.name}: weights {name} looked for {file} in the torch hub cache and could "
+                          f"not download it ({' '.join(str(err).split())[:150]}); run once with a network, copy "
+                          "the file there (TORCH_HOME moves the cache), or pass weights=PATH") from None
+    classes = len(weights.meta["categories"])
+    path, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    if head.out_features != classes:
+        raise ConfigError(f"network {spec.name}: its last linear layer {path} is not its {classes}-class head, "
+                          "which fitnets would replace for the dataset's classes; pass weights=PATH instead")
+    if classes != num_classes:
+        parent, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent), attr, nn.Linear(head.in_features, num_classes))
     return model
 
 
@@ -347,7 +524,7 @@ def load_weights(net: nn.Module, path: str, name: str) -> None:
         raise ConfigError(f"weights file {path} is unreadable ({str(err).splitlines()[0][:120]})") from None
     held = [state.get(k) for k in ("state_dict", "model")] if isinstance(state, dict) else []
     state = next((h for h in held if isinstance(h, dict)), state)
-    target = net.model if isinstance(net, Tapped) else net
+    target = net.model if isinstance(net, (Tapped, Hooked)) else net
     try:
         target.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
