@@ -2,11 +2,13 @@
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -16,15 +18,14 @@ from fitnets_cli.commands import elsewhere, to_config
 from fitnets_cli.config import ConfigError
 from fitnets_cli.ui import console, errors
 
-# command -> (primary config in conf/, what it does, module:function that runs it)
+# command -> (primary config in conf/, what it does, the function of fitnets_cli.api that runs it)
 COMMANDS = {
-    "train-teacher": ("train_teacher", "train a teacher by backprop and store it for `train`", "train:command"),
-    "train": ("train", "train a student: hints (stage 1) then KD (stage 2), or another schedule", "train:command"),
-    "eval": ("eval", "test accuracy and loss of a saved model: checkpoint=PATH", "evaluate:eval_command"),
-    "compare": ("compare", "params, multiplications and accuracy of students against their teacher",
-                "compare:compare_command"),
-    "layers": ("layers", "each network's tap points and shapes, the default hint pair and the hint plan",
-               "layers:layers_command"),
+    "train-teacher": ("train_teacher", "train a teacher by backprop and store it for `train`", "train_teacher"),
+    "train": ("train", "train a student: hints (stage 1) then KD (stage 2), or another schedule", "train"),
+    "eval": ("eval", "test accuracy and loss of a saved model: checkpoint=PATH", "evaluate"),
+    "compare": ("compare", "params, multiplications and accuracy of students against their teacher", "compare"),
+    "layers": ("layers", "each network's tap points and shapes, the default hint pair and the hint plan", "layers"),
+    "export": ("export", "a saved model as safetensors, TorchScript, ONNX or pt2, checked against it", "export"),
 }
 
 USAGE = """usage: fitnets COMMAND [OVERRIDES...] [--help] [--cfg job] [-m]
@@ -56,6 +57,28 @@ def one_line(err: Exception) -> str:
             parts.append(line)
     text = " ".join(parts)
     return text + (" " + ", ".join(options) if options else "")
+
+
+def explained(err: Exception, command: str) -> str:
+    """A composition error in one line, with the fix where fitnets knows it (the command that owns a key, the
+    zoo form of a benchmark network, the extra that brings Hydra's launchers)."""
+    line = one_line(err)
+    hint = ("; Hydra's launcher plugins come with `pip install '.[cluster]'`, run in the root of the fitnets clone"
+            if "hydra/launcher" in line else "; the Optuna sweeper comes with `pip install '.[optuna]'`, run in the "
+            "root of the fitnets clone" if "hydra/sweeper" in line else "")
+    if "Interpolation key 'variants." in line:
+        hint = ("; teacher=maxout has variants for dataset.family mnist, cifar and svhn only: set "
+                "dataset.family to one of them, or use teacher=torchvision or teacher=module")
+    refused = re.search(r"Could not override '(\w+)[.'].*(?:not in '\w+Config'|No match in the defaults list)", line)
+    if refused:
+        hint = elsewhere(refused[1], command)
+    missing = re.search(r"Could not find '(teacher|student)/(\w+)'", line)
+    if missing:
+        from fitnets_cli.zoo import NETWORKS   # torch loads here, on this error only
+        if missing[2] in NETWORKS:
+            hint = (f"; the CIFAR-100 benchmark's networks are {missing[1]}=zoo {missing[1]}.arch={missing[2]}"
+                    f" (or pair=TEACHER-STUDENT)")
+    return line.rstrip(".") + hint if hint else line
 
 
 def debugging(args) -> bool:
@@ -91,22 +114,7 @@ def precheck(command: str, args: list[str]) -> list[str]:
     except Exception as err:
         if debugging(args):
             raise
-        hint = ("; Hydra's launcher plugins come with `pip install '.[cluster]'`, run in the root of the fitnets "
-                "clone" if "hydra/launcher" in one_line(err) else "")
-        if "Interpolation key 'variants." in one_line(err):
-            hint = ("; teacher=maxout has variants for dataset.family mnist, cifar and svhn only: set "
-                    "dataset.family to one of them, or use teacher=torchvision or teacher=module")
-        refused = re.search(r"Could not override '(\w+)[.'].*(?:not in '\w+Config'|No match in the defaults list)",
-                            one_line(err))
-        if refused:
-            hint = elsewhere(refused[1], command)
-        missing = re.search(r"Could not find '(teacher|student)/(\w+)'", one_line(err))
-        if missing:
-            from fitnets_cli.zoo import NETWORKS   # torch loads here, on this error only
-            if missing[2] in NETWORKS:
-                hint = (f"; the CIFAR-100 benchmark's networks are {missing[1]}=zoo {missing[1]}.arch={missing[2]}"
-                        f" (or pair=TEACHER-STUDENT)")
-        errors.print(f"[bold red]error:[/] {escape(one_line(err).rstrip('.') + hint if hint else one_line(err))}")
+        errors.print(f"[bold red]error:[/] {escape(explained(err, command))}")
         sys.exit(2)
     if getattr(config, "resume", None):
         if not (Path(config.resume) / "config_resolved.yaml").is_file():
@@ -160,7 +168,7 @@ def distributed(command: str, args: list[str]) -> list[str]:
 def with_data(config):
     """The config with an image-file dataset's shape and classes read from its files, which are checked on the
     way (before anything is written); other configs as they are."""
-    if config.dataset is None or config.dataset.images is None or getattr(config, "resume", None):
+    if getattr(config, "dataset", None) is None or config.dataset.images is None or getattr(config, "resume", None):
         return config
     from fitnets_cli.images import resolve   # torch and PIL load here: only image files need them
 
@@ -173,19 +181,39 @@ def fail(message: str) -> None:
 
 
 def task(cfg: DictConfig):
-    """One Hydra job: run the command its config names. (Module-level, so that launchers that run jobs in
-    other processes, such as joblib, can pickle it.)"""
-    import importlib   # torch loads with these modules, after Hydra parsed the args
+    """One Hydra job: run the command its config names through fitnets_cli.api, and return, for the training
+    commands, the run's objective (what an Optuna sweep minimises). (Module-level, so that launchers that run
+    jobs in other processes, such as joblib, can pickle it.)"""
+    from fitnets_cli import api   # torch loads with it, after Hydra parsed the args
+    from fitnets_cli.resume import STOP, Interrupted
+    from fitnets_cli.rundir import AlreadyFinished
 
-    module, function = COMMANDS[cfg.command][2].split(":")
     try:
-        return getattr(importlib.import_module(f"fitnets_cli.{module}"), function)(with_data(to_config(cfg)))
+        config = with_data(to_config(cfg))
+        result = getattr(api, COMMANDS[cfg.command][2])(config)
+    except AlreadyFinished as done:
+        console.print(str(done))
+        return None
+    except Interrupted as stopped:
+        errors.print(f"stopped by {escape(str(stopped))}")
+        sys.exit(128 + (STOP or [signal.SIGTERM])[0])   # empty: another torchrun rank was signalled
     except KeyboardInterrupt:
         fail("interrupted before training started; nothing was trained")
     except (ConfigError, OmegaConfBaseException) as err:
         if debugging(sys.argv):
             raise
-        fail(one_line(err))
+        if not optuna_sweep():
+            fail(one_line(err))
+        # A failed trial must not end the sweep: Optuna gets the worst value (hydra-optuna-sweeper 1.2 stops the
+        # study on a NaN or an exception), and the trial's line says why.
+        errors.print(f"[bold red]error:[/] {escape(one_line(err))}; this trial counts as the worst value")
+        return float("-inf") if HydraConfig.get().sweeper.get("direction") == "maximize" else float("inf")
+    return api.objective(result, config.objective) if cfg.command in ("train", "train-teacher") else result
+
+
+def optuna_sweep() -> bool:
+    """Whether this job is a trial of hydra-optuna-sweeper."""
+    return HydraConfig.initialized() and "optuna" in str(HydraConfig.get().sweeper.get("_target_", ""))
 
 
 def main() -> None:

@@ -38,11 +38,18 @@ class TeacherConfig(Common):
     # actual: every parameter of the built network. paper: weights only, FC maxout as 2 pieces (spec 2.8).
     counting: str = "actual"
     eval_batch_size: int = 1000
+    # What the run returns to a sweeper (Optuna minimises it): valid_error, the last stage's best validation
+    # error, or a figure of metrics.json by dotted path (test.error, test_last.loss, stages.0.best_valid).
+    objective: str = "valid_error"
 
     def __post_init__(self):
         super().__post_init__()
         one_of(self.counting, ("actual", "paper"), "counting")
         require(self.eval_batch_size > 0, "eval_batch_size must be > 0")
+        require(self.objective == "valid_error" or self.objective.split(".")[0] in ("test", "test_last", "stages",
+                                                                                    "retrain", "wall_s"),
+                f"objective={self.objective} is not a figure of metrics.json; use valid_error or a dotted path "
+                "such as test.error, test_last.loss or stages.0.best_valid")
 
 
 @dataclass
@@ -95,6 +102,23 @@ class CompareConfig(Common):
 
 
 @dataclass
+class ExportConfig(Common):
+    """`fitnets export` (conf/export.yaml)."""
+    checkpoint: Optional[str] = None    # the model to export
+    format: str = "safetensors"         # safetensors | torchscript | onnx | pt2
+    out: Optional[str] = None           # None: beside the checkpoint
+    check_images: int = 256             # test images whose logits the export must reproduce ...
+    rtol: float = 1e-4                  # ... within these tolerances
+    atol: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        one_of(self.format, ("safetensors", "torchscript", "onnx", "pt2"), "format")
+        require(self.check_images > 0 and self.rtol >= 0 and self.atol >= 0,
+                "check_images must be > 0, rtol and atol >= 0")
+
+
+@dataclass
 class LayersConfig(Common):
     """`fitnets layers` (conf/layers.yaml)."""
     dataset: Dataset = MISSING
@@ -104,7 +128,7 @@ class LayersConfig(Common):
 
 
 SCHEMAS = {"train": TrainConfig, "train-teacher": TeacherConfig, "eval": EvalConfig, "compare": CompareConfig,
-           "layers": LayersConfig}
+           "layers": LayersConfig, "export": ExportConfig}
 for schema in SCHEMAS.values():   # each primary config in conf/ lists its schema first, by class name
     ConfigStore.instance().store(name=schema.__name__, node=schema)
 

@@ -26,8 +26,9 @@ def tap_table(net, role: str, marked: set[str]) -> Table:
     return table
 
 
-def layers_command(cfg: LayersConfig) -> list:
-    """Print the teacher's and the student's taps, and the plan of hints.pairs (default pair if unset)."""
+def layers_command(cfg: LayersConfig) -> dict:
+    """Print the teacher's and the student's taps, and the plan of hints.pairs (default pair if unset); return
+    the taps' shapes and the plan."""
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     teacher = build_network(cfg.teacher, shape, classes)
     student = build_network(cfg.student, shape, classes)
@@ -40,7 +41,10 @@ def layers_command(cfg: LayersConfig) -> list:
                   f"{default(cfg.student.guided, student)}")
     plans = plan_hints(teacher, student, pairs, cfg.hints)
     console.print(plan_table(plans))
-    return plans
+    return {"teacher": {tap: list(shape) for tap, shape in teacher.shapes.items()},
+            "student": {tap: list(shape) for tap, shape in student.shapes.items()},
+            "plans": [{"hint": p.hint, "guided": p.guided, "hint_shape": list(p.hint_shape),
+                       "guided_shape": list(p.guided_shape), "regressor": p.regressor} for p in plans]}
 
 
 def default(configured: str | None, net) -> str:

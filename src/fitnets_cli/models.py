@@ -72,7 +72,9 @@ class MaxoutLayer(nn.Module):
             x = F.dropout(x, self.dropout) * self.keep_scale
         z = self.map(x)
         if self.pieces > 1:
-            z = Maxout.apply(z.unflatten(1, (self.spec.out, self.pieces)))
+            z = z.unflatten(1, (self.spec.out, self.pieces))
+            # Without gradients (evaluation, and the exporters, which cannot trace a custom Function) the same max.
+            z = Maxout.apply(z) if torch.is_grad_enabled() else z.amax(2)
         if self.spec.pool:
             # On CPU, max-pooling a channels_last map is several times faster than an NCHW one (same
             # values, same argmax indices), and worth the two layout copies around it.

@@ -67,13 +67,7 @@ class Tapped(nn.Module):
         self._node = tap_names(nodes, leaves | set(self._tracer.get("leaf_names", ())))
         probe = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True,
                                          tracer_kwargs=self._fx_kwargs())
-        was = model.training
-        try:
-            with torch.no_grad():
-                outputs = probe.eval()(self._input(torch.zeros(2, *in_shape)))
-        except Exception as err:
-            raise probe_failed(name, in_shape, err) from None
-        model.train(was)
+        outputs = probe_pass(probe, model, self._input(torch.zeros(2, *in_shape)), name, in_shape)
         self._layout = layouts(model, outputs)
         shape = {node: tuple(out.shape[1:]) for node, out in outputs.items()
                  if isinstance(out, torch.Tensor) and out.dim() > 1}
@@ -184,16 +178,11 @@ class Hooked(nn.Module):
 
         handles = [h for path, m in model.named_modules()
                    for h in (m.register_forward_pre_hook(started(path)), m.register_forward_hook(ended(path)))]
-        was = model.training
         try:
-            with torch.no_grad():
-                logits = model.eval()(self._input(torch.zeros(2, *in_shape)))
-        except Exception as err:
-            raise probe_failed(name, in_shape, err) from None
+            logits = probe_pass(model, model, self._input(torch.zeros(2, *in_shape)), name, in_shape)
         finally:
             for h in handles:
                 h.remove()
-        model.train(was)
         check_logits(name, logits, in_shape, num_classes)
         self._layout = layouts(model, outputs)
         ends = [path for kind, path in events if kind == "end"]
@@ -270,11 +259,20 @@ def grey_copies(model: nn.Module, in_shape) -> int:
     return first.in_channels if first and in_shape[0] == 1 and first.in_channels > 1 else 1
 
 
-def probe_failed(name: str, in_shape, err: Exception) -> ConfigError:
-    """The one-line error for a model whose forward pass fails on the data's images."""
-    return ConfigError(f"network {name} does not run on {tuple(in_shape)} images ({type(err).__name__}: "
-                       f"{' '.join(str(err).split())[:150]}); give the images the size it takes "
-                       "(dataset.images.size=...) or build it for these (+teacher.img_size=... / +student.img_size=...)")
+def probe_pass(run: nn.Module, model: nn.Module, x, name: str, in_shape):
+    """run(x) (the model, or a graph of it) in eval mode without gradients, the model's mode restored after; a
+    forward pass that fails on the data's images stops in one line."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            return run.eval()(x)
+    except Exception as err:
+        raise ConfigError(f"network {name} does not run on {tuple(in_shape)} images ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:150]}); give the images the size it takes "
+                          "(dataset.images.size=...) or build it for these (+teacher.img_size=... / "
+                          "+student.img_size=...)") from None
+    finally:
+        model.train(was)
 
 
 def check_logits(name: str, logits, in_shape, num_classes: int) -> None:

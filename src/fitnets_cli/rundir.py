@@ -12,13 +12,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli import dist, resume
-from fitnets_cli.checkpoint import holds, save_model, write_json, write_text
+from fitnets_cli.checkpoint import save_model, write_json, write_text
 from fitnets_cli.commands import SCHEMAS, TeacherConfig
 from fitnets_cli.config import ConfigError
 from fitnets_cli.evaluate import evaluate
@@ -42,10 +41,12 @@ def network_lrs(cfg: TeacherConfig) -> TeacherConfig:
     return cfg
 
 
-def prepare(cfg: TeacherConfig, run_dir: Path | None = None) -> tuple[TeacherConfig, Path, dict | None]:
-    """The run's config, directory and resumable state: with resume=DIR, the saved config and state of DIR.
-    A `run_dir` passed in is an auto-trained teacher's, which continues where its student's run stopped.
-    The LRs of recipe.lr_by_network are applied here, so that the run's saved config shows what trained."""
+def prepare(cfg: TeacherConfig, run_dir: Path | None,
+            continues: bool = False) -> tuple[TeacherConfig, Path, dict | None]:
+    """The run's config, directory and resumable state: with resume=DIR, the saved config and state of DIR;
+    else a new run in run_dir, or, `continues`, an auto-trained teacher's, which goes on where its student's
+    run stopped. The LRs of recipe.lr_by_network are applied here, so that the run's saved config shows what
+    trained."""
     cfg = network_lrs(cfg)
     if cfg.resume:
         run_dir = Path(cfg.resume)
@@ -65,15 +66,8 @@ def prepare(cfg: TeacherConfig, run_dir: Path | None = None) -> tuple[TeacherCon
         at = state and state["progress"]
         console.print(f"resuming {run_dir} " + ("from its start (no checkpoint yet)" if state is None else
                       f"at stage {len(at['results']) + 1} of phase {at['phase']}"))
-    elif run_dir is not None:
-        state = resume.load(run_dir)
-        write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     else:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        if holds(run_dir):   # e.g. a reused sweep directory: never train over another run
-            raise ConfigError(f"{run_dir} holds {holds(run_dir)}; resume it with `fitnets {cfg.command} "
-                              f"resume={run_dir}` or choose another hydra.run.dir / hydra.sweep.dir")
-        state = None
+        state = resume.load(run_dir) if continues else None
         write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -1,14 +1,11 @@
 """`fitnets train` and `fitnets train-teacher`: a run's networks, data and stages, handed to the loop
 (loop.fit), and what the run leaves behind (rundir.finish)."""
 
-import signal
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from rich.markup import escape
 
 from fitnets_cli import dist
 from fitnets_cli.checkpoint import atomic_write, load_payload
@@ -18,27 +15,15 @@ from fitnets_cli.data import load_data
 from fitnets_cli.hints import make_regressors, plan_hints, plan_table
 from fitnets_cli.loop import Run, fit
 from fitnets_cli.networks import build_network, network_of
-from fitnets_cli.resume import STOP, Interrupted
-from fitnets_cli.rundir import AlreadyFinished, finish, prepare, provenance, tensorboard
+from fitnets_cli.rundir import finish, prepare, provenance, tensorboard
 from fitnets_cli.stages import Session, Stage, make_stages
-from fitnets_cli.ui import console, errors
+from fitnets_cli.ui import console
 
 
-def command(cfg: TeacherConfig):
-    """`fitnets train` and `fitnets train-teacher`, with what an interrupted or finished run prints."""
-    try:
-        return (train_student if cfg.command == "train" else train_teacher)(cfg)
-    except AlreadyFinished as done:
-        console.print(str(done))
-    except Interrupted as stopped:
-        errors.print(f"stopped by {escape(str(stopped))}")
-        sys.exit(128 + (STOP or [signal.SIGTERM])[0])   # empty: another torchrun rank was signalled
-
-
-def train_student(cfg: TrainConfig) -> dict:
-    """`fitnets train`: the student through the schedule's stages."""
+def train_student(cfg: TrainConfig, run_dir: Path | None = None) -> dict:
+    """`fitnets train`: the student through the schedule's stages, in run_dir (None: resume's)."""
     started = time.time()
-    cfg, run_dir, state = prepare(cfg)
+    cfg, run_dir, state = prepare(cfg, run_dir)
     device = dist.pick_device(cfg.device)
     kinds, optim = cfg.schedule.stages, cfg.recipe.student
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
@@ -54,7 +39,8 @@ def train_student(cfg: TrainConfig) -> dict:
     if teacher is not None:
         if cfg.teacher.auto_train and not cfg.teacher.weights and not teacher_path(cfg).is_file():
             console.print(f"no teacher at {teacher_path(cfg)}: training it first (teacher.auto_train=true)")
-            train_teacher(replace(cfg, resume=None), run_dir / "teacher", f"fitnets train resume={run_dir}")
+            train_teacher(replace(cfg, resume=None), run_dir / "teacher", f"fitnets train resume={run_dir}",
+                          continues=True)
         teacher_file = load_teacher(cfg, teacher)
         teacher = maybe_compile(teacher.to(device), cfg)
     made_by = provenance(cfg, teacher_file)   # taken at the start: the checkout may change during the run
@@ -74,11 +60,13 @@ def train_student(cfg: TrainConfig) -> dict:
     return finish(run, s, result, "student", cfg.student.name, started, made_by)
 
 
-def train_teacher(cfg: TeacherConfig, run_dir: Path | None = None, resume_command: str | None = None) -> dict:
-    """`fitnets train-teacher`: backprop with the paper's teacher recipe, saved to the teacher store.
-    (Also called by `train` with teacher.auto_train, in the student's run directory.)"""
+def train_teacher(cfg: TeacherConfig, run_dir: Path | None = None, resume_command: str | None = None,
+                  continues: bool = False) -> dict:
+    """`fitnets train-teacher`: backprop with the paper's teacher recipe, saved to the teacher store, in run_dir
+    (None: resume's). (Also called by `train` with teacher.auto_train, in the student's run directory, where it
+    continues a teacher that was stopped.)"""
     started = time.time()
-    cfg, run_dir, state = prepare(cfg, run_dir)
+    cfg, run_dir, state = prepare(cfg, run_dir, continues)
     device = dist.pick_device(cfg.device)
     optim = cfg.recipe.teacher
     run = Run(cfg, optim, device, load_data(cfg.dataset, cfg.data, device, optim.augment), run_dir,
