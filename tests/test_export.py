@@ -116,7 +116,7 @@ def test_bad_checkpoints_and_outputs_stop_in_one_line_and_damage_nothing(world, 
     assert (tmp_path / "kept.pt").read_text() == "earlier" and not list(tmp_path.glob(".kept.pt.*"))
 
 
-def test_the_api_runs_the_commands_twice_in_one_process_and_returns_what_the_cli_writes(tmp_path):
+def test_the_api_runs_the_commands_twice_in_one_process_and_returns_what_the_cli_writes(tmp_path, monkeypatch):
     data = write_tiny_mnist(tmp_path / "data")
     base = tiny_overrides(data, tmp_path / "teachers") + ["recipe.student.max_epochs=1"]
     teacher = api.train_teacher(api.compose("train-teacher", base), tmp_path / "teacher")
@@ -139,6 +139,11 @@ def test_the_api_runs_the_commands_twice_in_one_process_and_returns_what_the_cli
     assert not net.training
     rows = api.compare(api.compose("compare", [f"runs=[{tmp_path / 'kd'},{tmp_path / 'backprop'}]", "speed.enabled=false"]))
     assert sorted(r["schedule"] for r in rows if r["role"] == "student") == ["backprop", "kd"]
+    # With no run_dir, a new runs/<command>/<date_time>, never one that exists.
+    monkeypatch.chdir(tmp_path)
+    first = api.run_dir_for(cfg, None)
+    first.mkdir(parents=True)
+    assert first.parts[:2] == ("runs", "train") and api.run_dir_for(cfg, None) not in (first, None)
     with pytest.raises(api.ConfigError, match="holds a finished run"):
         api.train(api.compose("train", base + ["schedule=kd"]), tmp_path / "kd")
     with pytest.raises(api.ConfigError, match="Key 'format' not in 'TrainConfig'; format belongs to"):

@@ -40,21 +40,18 @@ def compose(command: str, overrides: Sequence[str] = ()):
 
 
 def run_dir_for(cfg, run_dir) -> Path | None:
-    """The run directory: resume's (None: the run's own), the one given, inside `fitnets` Hydra's, else
-    runs/<command>/<date_time> as the command line's default. One that holds a run is refused."""
-    from hydra.core.hydra_config import HydraConfig
-
+    """The run directory: resume's (None: the run's own), the one given, else a new runs/<command>/<date_time>
+    as on the command line. One that holds a run is refused."""
     from fitnets_cli.checkpoint import holds
 
     if cfg.resume:
         return None
-    hydra = run_dir is None and HydraConfig.initialized()
-    path = Path(HydraConfig.get().runtime.output_dir) if hydra else \
-        Path(run_dir) if run_dir is not None else Path("runs", cfg.command, time.strftime("%Y-%m-%d_%H-%M-%S"))
+    base = Path("runs", cfg.command, time.strftime("%Y-%m-%d_%H-%M-%S"))   # two calls in a second: _1, _2 ...
+    path = Path(run_dir) if run_dir is not None else \
+        next(p for p in (base.with_name(f"{base.name}_{n}" if n else base.name) for n in range(10**6)) if not p.exists())
     if holds(path):   # e.g. a reused sweep directory: never train over another run
-        command = cfg.command.replace("_", "-")
-        raise ConfigError(f"{path} holds {holds(path)}; resume it with `fitnets {command} resume={path}` or choose "
-                          f"another {'hydra.run.dir / hydra.sweep.dir' if hydra else 'run_dir'}")
+        raise ConfigError(f"{path} holds {holds(path)}; resume it with `fitnets {cfg.command} resume={path}` or "
+                          "choose another run directory (hydra.run.dir / hydra.sweep.dir; run_dir= in Python)")
     return path
 
 

@@ -190,7 +190,9 @@ def task(cfg: DictConfig):
 
     try:
         config = with_data(to_config(cfg))
-        result = getattr(api, COMMANDS[cfg.command][2])(config)
+        # Training commands run in Hydra's output directory, which precheck chose and checked.
+        where = {"run_dir": HydraConfig.get().runtime.output_dir} if cfg.command in ("train", "train-teacher") else {}
+        result = getattr(api, COMMANDS[cfg.command][2])(config, **where)
     except AlreadyFinished as done:
         console.print(str(done))
         return None
