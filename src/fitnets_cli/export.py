@@ -62,11 +62,13 @@ def run_onnx(path: Path, x):
 
 def save_pt2(net, example, path: Path, payload: dict) -> None:
     program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, str(path))
+    with open(path, "wb") as f:   # a file object: torch.export wants a .pt2 name, and the temporary file has none
+        torch.export.save(program, f)
 
 
 def run_pt2(path: Path, x):
-    return torch.export.load(str(path)).module()(x)
+    with open(path, "rb") as f:
+        return torch.export.load(f).module()(x)
 
 
 FORMATS = {"safetensors": (save_safetensors, run_safetensors), "torchscript": (save_torchscript, run_torchscript),
