@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fitnets_cli import api
+from fitnets_cli import api, export
 from fitnets_cli.checkpoint import save_model
 from fitnets_cli.data import load_data
 from fitnets_cli.networks import build_network
@@ -106,7 +106,7 @@ def test_bad_checkpoints_and_outputs_stop_in_one_line_and_damage_nothing(world, 
     line = failure("export", f"checkpoint={checkpoints['maxout']}", "format=onnx", f"data.root={data}")
     assert "format=onnx needs onnxruntime, which is not installed: pip install '.[export]'" in line
     # An export whose logits differ is never written, and an earlier file of that name is kept.
-    monkeypatch.setitem(__import__("fitnets_cli.export").export.FORMATS, "torchscript",
+    monkeypatch.setitem(export.FORMATS, "torchscript",
                         (lambda net, x, path, payload: torch.jit.trace(nn.Linear(784, 10), x.flatten(1)).save(str(path)),
                          lambda path, x: torch.zeros(len(x), 10)))
     (tmp_path / "kept.pt").write_text("earlier")
