@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fitnets_cli import zoo
-from fitnets_cli.compare import PUBLISHED
+from fitnets_cli.benchmark import PUBLISHED
 from fitnets_cli.config import ConfigError, Network
 from fitnets_cli.data import load_data
 from fitnets_cli.hints import default_tap

@@ -254,7 +254,7 @@ class Gated(torch.nn.Module):
 
 
 def test_a_network_torch_fx_cannot_trace_is_read_with_forward_hooks_through_both_stages(make_config, tmp_path):
-    from fitnets_cli.networks import Hooked
+    from fitnets_cli.taps import Hooked
 
     torch.manual_seed(0)
     student = build_network(Network(_target_="test_timm.Gated"), SHAPE, 10)
@@ -285,7 +285,7 @@ def test_layers_lists_the_hooked_taps_of_a_network_torch_fx_cannot_trace():
 
 
 def test_compare_sets_ofas_published_fitnet_figures_under_runs_of_its_pairs():
-    from fitnets_cli.compare import benchmark_records, benchmark_table
+    from fitnets_cli.benchmark import benchmark_records, benchmark_table
 
     run = {"role": "student", "dataset": "cifar100_224", "teacher": "vit_small_patch16_224", "model": "resnet18",
            "seeds": 1, "test_acc": 70.5, "test_acc_last": 70.25}

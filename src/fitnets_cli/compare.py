@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from rich.table import Table
 
 from fitnets_cli import zoo
+from fitnets_cli.benchmark import benchmark_view
 from fitnets_cli.checkpoint import load_payload, write_text
 from fitnets_cli.commands import CompareConfig
 from fitnets_cli.config import ConfigError, Student
@@ -40,44 +41,6 @@ SCHEDULE_ORDER = ("", "backprop", "kd", "hint_joint", "crd_fitnet", "fitnets")
 NOT_IDENTITY = ("seed", "command", "device", "counting", "checkpoint", "eval_batch_size", "students", "runs",
                 "format", "out", "plots", "speed", "teacher_store", "data.root", "data.cache", "data.download",
                 "teacher.checkpoint", "teacher.auto_train", "teacher.variants")
-# CIFAR-100 test accuracy (%) published for the CRD benchmark's 13 pairs: the CRD paper's Tables 1 and 2
-# (Tian, Krishnan and Isola, Contrastive Representation Distillation, ICLR 2020), as tabulated in the
-# README of its code, HobbitLong/RepDistiller, whose train_student.py says they are the last epoch's, trained
-# on all 50,000 training images. Per (teacher, student): the teacher, the student trained alone, KD, and
-# "FitNet", the one-stage imitation that schedule=crd_fitnet runs (the paper's two stages, schedule=fitnets,
-# were not in the benchmark).
-CRD = {
-    ("wrn_40_2", "wrn_16_2"): (75.61, 73.26, 74.92, 73.58),
-    ("wrn_40_2", "wrn_40_1"): (75.61, 71.98, 73.54, 72.24),
-    ("resnet56", "resnet20"): (72.34, 69.06, 70.66, 69.21),
-    ("resnet110", "resnet20"): (74.31, 69.06, 70.67, 68.99),
-    ("resnet110", "resnet32"): (74.31, 71.14, 73.08, 71.06),
-    ("resnet32x4", "resnet8x4"): (79.42, 72.50, 73.33, 73.50),
-    ("vgg13", "vgg8"): (74.64, 70.36, 72.98, 71.02),
-    ("vgg13", "MobileNetV2"): (74.64, 64.60, 67.37, 64.14),
-    ("ResNet50", "MobileNetV2"): (79.34, 64.60, 67.35, 63.16),
-    ("ResNet50", "vgg8"): (79.34, 70.36, 73.81, 70.69),
-    ("resnet32x4", "ShuffleV1"): (79.42, 70.50, 74.07, 73.59),
-    ("resnet32x4", "ShuffleV2"): (79.42, 71.82, 74.45, 73.54),
-    ("wrn_40_2", "ShuffleV1"): (75.61, 70.50, 74.83, 73.73),
-}
-# (dataset, teacher, student) -> {method: published CIFAR-100 test accuracy %}: the CRD benchmark's, and the
-# FitNet figures of OFA's heterogeneous pairs (Hao et al., One-for-All KD, NeurIPS 2023, its CIFAR-100 table;
-# experiment=ofa_cifar100), a one-stage imitation, crd_fitnet here.
-PUBLISHED = {("cifar100", *pair): dict(zip(("teacher", "backprop", "kd", "crd_fitnet"), figures))
-             for pair, figures in CRD.items()}
-PUBLISHED.update({
-    ("cifar100_224", "swin_tiny_patch4_window7_224", "resnet18"): {"crd_fitnet": 78.87},
-    ("cifar100_224", "vit_small_patch16_224", "resnet18"): {"crd_fitnet": 77.71},
-    ("cifar100_224", "vit_small_patch16_224", "mobilenetv2_100"): {"crd_fitnet": 73.54},
-    ("cifar100_224", "convnext_tiny", "deit_tiny_patch16_224"): {"crd_fitnet": 60.78},
-})
-SOURCES = {"cifar100": "the CRD paper's Tables 1-2 (Tian et al., ICLR 2020; HobbitLong/RepDistiller), last epoch, "
-                       "trained on all 50,000 training images; its FitNet is crd_fitnet here",
-           "cifar100_224": "OFA's CIFAR-100 table (Hao et al., NeurIPS 2023; Hao840/OFAKD), its one-stage FitNet "
-                           "(crd_fitnet here)"}
-METHODS = {"teacher": "teacher", "backprop": "student (backprop)", "kd": "KD", "hint_joint": "hint_joint",
-           "crd_fitnet": "FitNet (crd_fitnet)", "fitnets": "FitNets, two stages (fitnets)"}
 # A teacher's run is also unaffected by the student settings of the config it was trained under.
 NOT_TEACHER_IDENTITY = ("student", "hints", "schedule", "recipe.student", "recipe.kd", "recipe.retrain_full")
 
@@ -283,91 +246,16 @@ def render(rows: list[dict], columns: list[str], fmt: str, note: str, metric: st
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
-def benchmark_records(rows: list[dict]) -> list[dict]:
-    """One record per (pair, method, variant) of the runs' teacher/student pairs, the benchmark's pairs first
-    in its order, each with the published figure for that pair and method where there is one."""
-    students = [r for r in rows if r["role"] == "student" and r.get("teacher") and "test_acc" in r]
-    pairs = list(dict.fromkeys((r["dataset"], r["teacher"], r["model"]) for r in students))
-    known = list(PUBLISHED)
-    pairs.sort(key=lambda p: known.index(p) if p in known else len(known))
-    records = []
-    for dataset, teacher, student in pairs:
-        published = PUBLISHED.get((dataset, teacher, student), {})
-        by_method = {"teacher": [r for r in rows if r["role"] == "teacher" and r["model"] == teacher
-                                 and r["dataset"] == dataset and "test_acc" in r]}
-        for r in students:
-            if (r["dataset"], r["teacher"], r["model"]) == (dataset, teacher, student):
-                by_method.setdefault(r["schedule"], []).append(r)
-        for method in published:
-            by_method.setdefault(method, [])
-        for method, runs in by_method.items():
-            records += [{"dataset": dataset, "teacher": teacher, "student": student, "method": method,
-                         "variant": r.get("variant") or "", "published": published.get(method),
-                         **{k: r.get(k) for k in ("seeds", "test_acc", "test_acc_std", "test_acc_last",
-                                                  "test_acc_last_std", "runs")}} for r in runs or [{}]]
-    return records
-
-
-def benchmark_table(records: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
-    """The records laid out as the benchmark's tables: a column per pair, a row per method, each followed
-    by a row of the published figures where the benchmark has them."""
-    pairs = list(dict.fromkeys((r["dataset"], r["teacher"], r["student"]) for r in records))
-    several = len({p[0] for p in pairs}) > 1
-    header = ["method"] + [f"{t} -> {s}" + (f" ({d})" if several else "") for d, t, s in pairs]
-    order = lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS)
-    methods = sorted(dict.fromkeys((r["method"], r["variant"]) for r in records), key=lambda mv: order(mv[0]))
-    value = lambda v: f"{100 - v if metric == 'error' else v:.2f}"
-    lines = []
-    for method, variant in methods:
-        at = {(r["dataset"], r["teacher"], r["student"]): r for r in records
-              if (r["method"], r["variant"]) == (method, variant)}
-        cells = []
-        for p in pairs:
-            r = at.get(p, {})
-            cells.append("" if r.get("test_acc") is None else value(r["test_acc_last"]) +
-                         (f" ± {r['test_acc_last_std']:.2f}" if r["seeds"] > 1 else "") + f" ({value(r['test_acc'])})")
-        if any(cells):
-            lines.append([METHODS.get(method, method) + (f" [{variant}]" if variant else "")] + cells)
-        if not variant and any(at.get(p, {}).get("published") for p in pairs):
-            lines.append(["  published"] + ["" if at.get(p, {}).get("published") is None else
-                                            value(at[p]["published"]) for p in pairs])
-    return header, lines
-
-
-def show_benchmark(rows: list[dict], cfg: CompareConfig) -> list[dict]:
-    """Print (or write) the benchmark-style table of the runs; return its records."""
-    records = benchmark_records(rows)
-    if not records:
-        raise ConfigError("layout=benchmark needs runs of students trained with a teacher (runs=DIR)")
-    header, lines = benchmark_table(records, cfg.metric)
-    cited = [f"{d}: {SOURCES[d]}" for d in dict.fromkeys(r["dataset"] for r in records if r["published"] is not None)]
-    note = (f"test {cfg.metric} %: at the last epoch (at the best-validation epoch in brackets), mean ± sample std "
-            "over seeds" + "".join(f"; published, {c}" for c in cited))
+def emit(table: Table, text: str | None, cfg: CompareConfig) -> None:
+    """Show the rich table (format=table, or beside a file written with out=) and print or write the text."""
     if cfg.format == "table" or cfg.out:
-        table = Table(title="benchmark", caption=note)
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
-        for line in lines:
-            table.add_row(*line)
         console.print(table)
-    if cfg.format != "table":
-        if cfg.format == "md":
-            text = "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *lines])
-            text += f"\n\n{note}\n"
-        elif cfg.format == "json":
-            text = json.dumps(records, indent=2) + "\n"
-        else:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, [k for k in records[0] if k != "runs"], extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(records)
-            text = buf.getvalue()
+    if text is not None:
         if cfg.out:
             write_text(Path(cfg.out), text)
             console.print(f"wrote {cfg.out}")
         else:
             print(text, end="")
-    return records
 
 
 def compare_command(cfg: CompareConfig) -> list[dict]:
@@ -380,7 +268,9 @@ def compare_command(cfg: CompareConfig) -> list[dict]:
     if cfg.students or not cfg.runs:
         rows += arch_rows(cfg)
     if cfg.layout == "benchmark":
-        return show_benchmark(rows, cfg)
+        records, table, text = benchmark_view(rows, cfg.metric, cfg.format)
+        emit(table, text, cfg)
+        return records
     device = pick_device(cfg.device)
     note = f"counting={cfg.counting}; FLOPs = 2 x multiply-adds (torch.utils.flop_counter)"
     if cfg.speed.enabled:
@@ -405,15 +295,7 @@ def compare_command(cfg: CompareConfig) -> list[dict]:
                          no_wrap=c in ("model", "schedule", "dataset"))
     for r in rows:
         table.add_row(*(_cell(r, c, cfg.metric) for c in columns))
-    if cfg.format == "table" or cfg.out:
-        console.print(table)
-    if cfg.format != "table":
-        text = render(rows, columns, cfg.format, note, cfg.metric)
-        if cfg.out:
-            write_text(Path(cfg.out), text)
-            console.print(f"wrote {cfg.out}")
-        else:
-            print(text, end="")
+    emit(table, None if cfg.format == "table" else render(rows, columns, cfg.format, note, cfg.metric), cfg)
     if cfg.plots:
         from fitnets_cli.plots import plot_curves, plot_tradeoffs
         written = plot_tradeoffs(rows, Path(cfg.plots))

@@ -16,7 +16,8 @@ from torch import nn
 
 from fitnets_cli.config import ConfigError, Layer
 from fitnets_cli.models import MaxoutLayer, init_uniform
-from fitnets_cli.networks import build_network, check_tap
+from fitnets_cli.networks import build_network
+from fitnets_cli.taps import check_tap
 
 
 @dataclass
