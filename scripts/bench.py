@@ -48,24 +48,23 @@ import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
-from hydra import compose, initialize_config_module
 from rich.console import Console
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
-from fitnets_cli.commands import to_config
-from fitnets_cli.data import Resident, load_data
-from fitnets_cli.dist import pick_device
-from fitnets_cli.evaluate import evaluate
-from fitnets_cli.hints import make_regressors, plan_hints
-from fitnets_cli.images import resolve
-from fitnets_cli.losses import hint_loss, kd_loss
-from fitnets_cli.networks import build_network
-from fitnets_cli.data import Splits
-from fitnets_cli.loop import Run, augmentation, make_optimizer, train_stage
-from fitnets_cli.resume import Progress
-from fitnets_cli.stages import Session, Stage, autocast, make_stages, regress, trained_modules
-from fitnets_cli.train import maybe_compile
+from fitnets_cli import api
+from fitnets_cli.data.load import load_data
+from fitnets_cli.data.splits import Resident
+from fitnets_cli.runtime.dist import pick_device
+from fitnets_cli.training.evaluate import evaluate
+from fitnets_cli.training.hints import make_regressors, plan_hints
+from fitnets_cli.training.losses import hint_loss, kd_loss
+from fitnets_cli.networks.build import build_network
+from fitnets_cli.data.splits import Splits
+from fitnets_cli.training.loop import Run, augmentation, make_optimizer, train_stage
+from fitnets_cli.training.resume import Progress
+from fitnets_cli.training.stages import Session, Stage, autocast, make_stages, regress, trained_modules
+from fitnets_cli.training.train import maybe_compile
 
 PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
     "fitnet4/maxout CIFAR-10": (["dataset=cifar10", "student=fitnet4"], (3, 32, 32), 50_000),
@@ -78,8 +77,7 @@ LAM = 4.0   # the KD weight of the (a) and (c) steps: lam at the start of stage 
 def setup(overrides, device, tb_dir):
     """A run of the real config (no directory, no data), a session of a frozen teacher and the student, and
     its hint plan, for one model pair."""
-    with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
-        cfg = to_config(compose("train", overrides=overrides))
+    cfg = api.compose("train", overrides)
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     teacher = build_network(cfg.teacher, shape, classes, 0.05).to(device).eval().requires_grad_(False)
     student = build_network(cfg.student, shape, classes, cfg.recipe.student.init_range).to(device)
@@ -110,7 +108,7 @@ def floor_loss(cfg, s, stage, x, y):
     tap = plan.guided if plan else None
     with torch.no_grad():
         t = s.teacher.taps(x, [plan.hint if plan else None])
-    return method_loss(cfg, s, plan, t, s.student.taps(x, [tap]), y)
+    return method_loss(cfg, s, plan, t, s.net.taps(x, [tap]), y)
 
 
 def floor_step(run, s, stage, x, y, opt):
@@ -127,7 +125,7 @@ def conventional_loss(cfg, s, stage, x, y):
     plan = stage.plans[0] if stage.kind == "hint" else None
     with torch.no_grad():
         t = s.teacher.taps(x, [None] + ([plan.hint] if plan else []))
-    return method_loss(cfg, s, plan, t, s.student.taps(x, [None] + ([plan.guided] if plan else [])), y)
+    return method_loss(cfg, s, plan, t, s.net.taps(x, [None] + ([plan.guided] if plan else [])), y)
 
 
 class UInt8Images(torch.utils.data.Dataset):
@@ -216,13 +214,11 @@ def bench_streaming(device, n: int, batch: int, workers: int, tb_dir: str) -> di
     the second of two epochs over n JPEGs, training the same ResNet-18 with the same SGD step."""
     with tempfile.TemporaryDirectory() as tmp:
         root = write_jpegs(Path(tmp), n)
-        with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
-            cfg = to_config(compose("train", overrides=[
+        cfg = api.compose("train", [
                 "dataset=imagefolder", f"data.root={root}", "dataset.valid_size=10", "dataset.images.size=32",
                 "dataset.images.channels=3", f"data.workers={workers}", "student=torchvision",
                 "student.arch=resnet18", "schedule=backprop", f"recipe.student.batch_size={batch}",
-                "recipe.student.lr_batch=0", "recipe.student.lr=0.01", f"device={device.type}"]))
-        cfg = resolve(cfg)
+                "recipe.student.lr_batch=0", "recipe.student.lr=0.01", f"device={device.type}"])
         train = load_data(cfg.dataset, cfg.data, device).train
         torch.manual_seed(0)
         net = build_network(cfg.student, cfg.dataset.in_shape, cfg.dataset.num_classes).to(device)
@@ -298,7 +294,7 @@ def main():
                 options = [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"]
                 options += [] if layout is None else [f"channels_last={layout}"]
                 run, s, plans = setup(overrides + options, device, args.tb)
-                evaluate(s.student, Resident(held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device)),
+                evaluate(s.net, Resident(held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device)),
                          1000)
                 for stage in make_stages(["hint", "kd"], plans):
                     floor, ours, conventional = bench_stage(run, s, stage, shape, args.steps, args.batch, device, full)

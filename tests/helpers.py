@@ -19,13 +19,14 @@ from hydra import compose, initialize_config_module
 from torch.utils.tensorboard import SummaryWriter
 
 from fitnets_cli import cli
-from fitnets_cli.commands import to_config
-from fitnets_cli.data import Resident, Splits
-from fitnets_cli.hints import make_regressors, plan_hints
-from fitnets_cli.models import build_net
-from fitnets_cli.loop import Run, train_stage
-from fitnets_cli.resume import Progress
-from fitnets_cli.stages import Session
+import fitnets_cli.networks.zoo  # noqa: F401  (registers the zoo's networks as config options)
+from fitnets_cli.config.commands import to_config
+from fitnets_cli.data.splits import Resident, Splits
+from fitnets_cli.training.hints import make_regressors, plan_hints
+from fitnets_cli.networks.maxout import build_net
+from fitnets_cli.training.loop import Run, train_stage
+from fitnets_cli.training.resume import Progress
+from fitnets_cli.training.stages import Session
 
 
 def make_config(config_name: str = "train", overrides=()):

@@ -7,14 +7,15 @@ import re
 import pytest
 import torch
 
-from fitnets_cli import zoo
-from fitnets_cli.benchmark import PUBLISHED
-from fitnets_cli.config import ConfigError, Network
-from fitnets_cli.data import load_data
-from fitnets_cli.hints import default_tap
-from fitnets_cli.networks import build_network, count
-from fitnets_cli.loop import make_optimizer, set_hyper
-from fitnets_cli.rundir import network_lrs
+from fitnets_cli.networks import zoo
+from fitnets_cli.commands.benchmark import PUBLISHED
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.config.groups import Network
+from fitnets_cli.data.load import load_data
+from fitnets_cli.training.hints import default_tap
+from fitnets_cli.networks.build import build_network, count
+from fitnets_cli.training.loop import make_optimizer, set_hyper
+from fitnets_cli.config.commands import network_lrs
 
 from helpers import failure, main
 
@@ -36,6 +37,7 @@ def test_zoo_networks_have_the_benchmarks_parameter_counts(name):
     assert sum(p.numel() for p in net.parameters() if p.requires_grad) == BENCHMARK_PARAMS[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARK_PARAMS)
 def test_zoo_networks_adapt_to_mnist_and_every_parameter_learns(name, make_config):
     cfg = make_config("train", ["dataset=mnist", "student=zoo", f"student.arch={name}"])
@@ -47,15 +49,17 @@ def test_zoo_networks_adapt_to_mnist_and_every_parameter_learns(name, make_confi
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters()), name
 
 
+@pytest.mark.slow
 def test_zoo_sizes_at_cifar_shape_through_the_seam(make_config):
     for name, shape in HINT.items():
         cfg = make_config("train", ["dataset=cifar100_crd", "student=zoo", f"student.arch={name}"])
         net = build_network(cfg.student, (3, 32, 32), 100)
         assert cfg.student.guided is None and net.shapes[default_tap(net)] == shape, name
-    sizes = count(Network(source="zoo", arch="resnet8x4"), (3, 32, 32), 100)
+    sizes = count(build_network(Network(source="zoo", arch="resnet8x4"), (3, 32, 32), 100))
     assert sizes["params"] == BENCHMARK_PARAMS["resnet8x4"] and sizes["mults"] == pytest.approx(177e6, rel=0.01)
 
 
+@pytest.mark.slow
 def test_layers_of_a_zoo_pair_marks_the_benchmarks_hint_point():
     out = main("layers", "pair=resnet32x4-ShuffleV2", "dataset=cifar100_crd", "hints.regressor=conv_bn")
     assert re.search(r"│ layer2 +│ 16x16x128 +│ <- hint", out)
@@ -111,6 +115,7 @@ def benchmark_sweep(tiny_datasets, tmp_path_factory):
     return root / "sweep"
 
 
+@pytest.mark.slow
 def test_the_preset_runs_every_schedule_of_its_pairs(benchmark_sweep):
     runs = [json.loads(p.read_text()) for p in benchmark_sweep.rglob("metrics.json")]
     teachers = sorted(m["model"] for m in runs if m["role"] == "teacher")
@@ -124,6 +129,7 @@ def test_the_preset_runs_every_schedule_of_its_pairs(benchmark_sweep):
             assert [(s["name"], s["epochs"]) for s in m["stages"]] == [(n, 1) for n in stages[m["schedule"]]]
 
 
+@pytest.mark.slow
 def test_compare_lays_the_runs_out_as_the_benchmark_with_the_published_numbers(benchmark_sweep):
     records = json.loads(main("compare", f"runs={benchmark_sweep}", "layout=benchmark", "format=json"))
     metrics = {(m["teacher"] if m["role"] == "student" else m["model"], m["model"], m["schedule"]): m
@@ -147,6 +153,7 @@ def test_compare_lays_the_runs_out_as_the_benchmark_with_the_published_numbers(b
     assert all(re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d\)", cell) for cell in rows["KD"])
 
 
+@pytest.mark.slow
 def test_compare_rows_name_each_students_teacher(benchmark_sweep):
     rows = json.loads(main("compare", f"runs={benchmark_sweep}", "speed.enabled=false", "format=json"))
     for r in rows:
@@ -171,7 +178,7 @@ def test_a_checkpoint_in_the_benchmarks_format_loads_as_teacher_weights(tmp_path
 
 
 def test_channels_last_puts_the_networks_in_that_layout_with_the_same_outputs(make_config):
-    from fitnets_cli.train import maybe_compile
+    from fitnets_cli.training.train import maybe_compile
 
     cfg = make_config("train", ["experiment=crd_cifar100", "pair=resnet56-resnet20"])
     assert cfg.channels_last

@@ -14,6 +14,7 @@ import torch
 from helpers import failure, fitnets
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands_and_the_config_groups():
     out = fitnets("--help").stdout
     assert all(c in out for c in ("train-teacher", "train", "eval", "compare"))
@@ -26,6 +27,7 @@ def test_cfg_job_prints_the_composed_config():
     assert "name: fitnet1" in out and "guided: conv6" in out
 
 
+@pytest.mark.slow
 def test_teacher_then_fitnet_student_then_eval_and_compare(teacher, fitnet):
     root, base = teacher        # trained by `fitnets train-teacher`, the student by `fitnets train` (conftest)
     teacher_run, (student_run, out) = root / "teacher", fitnet
@@ -54,6 +56,7 @@ def test_teacher_then_fitnet_student_then_eval_and_compare(teacher, fitnet):
     assert "maxout" in out and "fitnet_mnist │ fitnets" in out and "361.07K" in out
 
 
+@pytest.mark.slow
 def test_missing_teacher_names_the_command_that_trains_it(tiny, tmp_path):
     proc = fitnets("train", *tiny, "student=fitnet_mnist", f"hydra.run.dir={tmp_path / 'r'}", check=False)
     assert proc.returncode == 2
@@ -71,6 +74,7 @@ def test_training_runs_on_cuda(tiny, tmp_path):
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["device"].startswith("cuda")
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_every_config_and_a_plain_install_runs_from_it(tmp_path):
     repo = Path(__file__).parents[1]
     source = tmp_path / "source"      # a clean copy: a stale egg-info in the checkout would list files for the build

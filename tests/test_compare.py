@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fitnets_cli.hints import plan_hints
-from fitnets_cli.networks import build_network
+from fitnets_cli.training.hints import plan_hints
+from fitnets_cli.networks.build import build_network
 
 from helpers import call, main, write_tiny_mnist
 
@@ -61,6 +61,7 @@ def tables(sweep, tmp_path_factory):
             "plots": out / "plots"}
 
 
+@pytest.mark.slow
 def test_the_preset_sweep_runs_teacher_and_all_three_schedules(sweep):
     runs = [json.loads(p.read_text()) for p in sorted(sweep.rglob("metrics.json"))]
     assert sorted(m["schedule"] for m in runs) == ["backprop", "backprop", "fitnets", "fitnets", "kd", "kd", "teacher"]
@@ -69,6 +70,7 @@ def test_the_preset_sweep_runs_teacher_and_all_three_schedules(sweep):
         assert [(s["name"], s["epochs"]) for s in m["stages"]] == [(name, 2) for name in stages[m["schedule"]]]
 
 
+@pytest.mark.slow
 def test_compare_groups_seeds_into_mean_and_sample_std(tables):
     rows = tables["json"]
     assert [(r["model"], r["schedule"], r["seeds"]) for r in rows] == [
@@ -86,6 +88,7 @@ def test_compare_groups_seeds_into_mean_and_sample_std(tables):
     assert rows[1]["gap_backprop"] is None
 
 
+@pytest.mark.slow
 def test_every_output_format_parses_back(tables):
     as_json, as_csv = tables["json"], tables["csv"]
     assert [r["schedule"] for r in as_csv] == [r["schedule"] for r in as_json]
@@ -100,6 +103,7 @@ def test_every_output_format_parses_back(tables):
     assert isinstance(as_json[1]["params"], int) and isinstance(as_json[1]["test_acc"], float)
 
 
+@pytest.mark.slow
 def test_metric_error_shows_test_error_and_error_gaps(tables):
     as_json = tables["json"]
     header, cells = md_table(tables["error"])
@@ -118,6 +122,7 @@ def test_plots_are_written_whole_at_their_size(tables):
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and struct.unpack(">II", data[16:24]) == size, name
 
 
+@pytest.mark.slow
 def test_runs_that_differ_beyond_the_seed_are_labelled_apart(sweep, fitnet):
     run, _ = fitnet             # trained with the MNIST recipe's LR, 0.0005; the sweep's FitNets with 0.002
     rows = compare_json(f"runs=[{sweep},{run}]", "speed.enabled=false")
@@ -126,6 +131,7 @@ def test_runs_that_differ_beyond_the_seed_are_labelled_apart(sweep, fitnet):
     assert all("variant" not in r or r["variant"] is None for r in rows if r["schedule"] != "fitnets")
 
 
+@pytest.mark.slow
 def test_table5_architecture_comparison_reproduces_the_paper_counts():
     # cifar10: teacher + FitNets 1-4; a few timed repeats, as the speed-up ordering is checked below
     rows = {r["model"]: r for r in json.loads(main("compare", "counting=paper", "format=json", "speed.repeats=3",
@@ -149,6 +155,7 @@ def test_the_issue_presets_exist():
     assert {"cifar10_table5", "cifar100", "svhn", "mnist_table4", "depth_study", "crd_cifar100"} <= set(EXPERIMENTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, experiment):
     preset = OmegaConf.load(resources.files("fitnets_cli.conf").joinpath(f"experiment/{experiment}.yaml").open())
@@ -191,6 +198,7 @@ PRESET_JOBS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment,valid", [("cifar10_table5", 10), ("cifar100", 10), ("svhn", 30), ("depth_study", 10)])
 def test_cifar_and_svhn_presets_run_as_multiruns(experiment, valid, tiny_datasets, tmp_path):
     sweep = tmp_path / "sweep"

@@ -2,12 +2,15 @@ from dataclasses import replace
 from importlib import resources
 
 import pytest
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
-from fitnets_cli import zoo
-from fitnets_cli.config import ConfigError
-from fitnets_cli.hints import plan_hints
-from fitnets_cli.networks import build_network
+from fitnets_cli.networks import zoo
+from fitnets_cli.commands.compare import load_student
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.training.hints import plan_hints
+from fitnets_cli.networks.build import build_network
 from helpers import failure
 
 
@@ -37,6 +40,7 @@ def test_the_groups_hold_the_issue_options():
     assert options("recipe") == sorted(options("dataset") + ["ofa_cifar100"])   # one per dataset, and OFA's
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", [d for d in options("dataset") if d not in FILES])
 def test_every_dataset_composes_with_its_recipe_and_teacher(make_config, dataset):
     for command in ("train", "train_teacher", "compare"):
@@ -49,7 +53,7 @@ def test_every_dataset_composes_with_its_recipe_and_teacher(make_config, dataset
 
 
 def test_the_imagenet_recipe_is_torchvisions_reference_and_its_lr_scales_with_the_global_batch(make_config):
-    from fitnets_cli.loop import make_optimizer, set_hyper
+    from fitnets_cli.training.loop import make_optimizer, set_hyper
     from torch import nn
 
     cfg = make_config("train", ["dataset=imagenet", "teacher=torchvision", "teacher.arch=resnet34",
@@ -100,12 +104,64 @@ HINT_POINTS = {"wrn_16_2": "block2", "wrn_40_1": "block2", "wrn_40_2": "block2",
                "MobileNetV2": "blocks.2"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(zoo.NETWORKS))
 def test_every_zoo_network_composes_as_a_student_and_plans_from_its_hint_point(make_config, arch):
     cfg = make_config("train", ["student=zoo", f"student.arch={arch}", "dataset=cifar10"])
     teacher, student = (build_network(net, cfg.dataset.in_shape, 10) for net in (cfg.teacher, cfg.student))
     [plan] = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
     assert plan.guided == student.hint_point == HINT_POINTS.get(arch, "layer2") and plan.hint == "conv2"
+
+
+def test_a_zoo_network_is_a_student_and_a_teacher_by_its_name_alone(make_config):
+    short = make_config("train", ["student=resnet8x4", "teacher=resnet32x4"])
+    long = make_config("train", ["student=zoo", "student.arch=resnet8x4", "teacher=zoo", "teacher.arch=resnet32x4"])
+    assert (short.student, short.teacher) == (long.student, long.teacher)
+    assert (short.student.source, short.student.arch, short.teacher.arch) == ("zoo", "resnet8x4", "resnet32x4")
+    assert short == long
+
+
+def test_every_zoo_network_is_an_option_of_the_student_and_teacher_groups():
+    with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for group in ("student", "teacher"):
+            found = loader.get_group_options(group)
+            assert set(zoo.NETWORKS) <= set(found) and set(options(group)) <= set(found), group
+
+
+ZOO_PAIRS = [p for p in options("pair") if all(n in zoo.NETWORKS for n in p.split("-"))]
+
+
+@pytest.mark.parametrize("pair", ZOO_PAIRS)
+def test_a_zoo_pair_preset_composes_to_its_two_networks(make_config, pair):
+    teacher, student = pair.split("-")
+    cfg = make_config("train", [f"pair={pair}"])
+    named = make_config("train", [f"teacher={teacher}", f"student={student}"])
+    assert (cfg.teacher.source, cfg.teacher.arch, cfg.student.source, cfg.student.arch) == \
+        ("zoo", teacher, "zoo", student)
+    assert (cfg.teacher, cfg.student) == (named.teacher, named.student)
+
+
+def test_the_zoo_pairs_are_the_benchmarks_13():
+    assert len(ZOO_PAIRS) == 13
+
+
+@pytest.mark.parametrize("name", ["fitnet1", "fitnet_mnist", "depth5_30m", "timm", "resnet8x4", "ShuffleV2"])
+def test_compare_composes_a_student_as_train_does(make_config, name):
+    trained = make_config("train", [f"student={name}"]).student
+    assert load_student(name) == trained                  # from Python: Hydra initialised for the call
+    with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
+        assert load_student(name) == trained              # inside a Hydra app: its own initialisation
+    assert not GlobalHydra.instance().is_initialized()    # nothing left behind
+
+
+def test_compare_refuses_an_unknown_student_in_one_line_listing_the_options(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_student("resnet9")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("students: no student config 'resnet9'; options are ")
+    assert all(name in message for name in options("student") + list(zoo.NETWORKS))
+    assert failure("compare", "students=[resnet9]", f"hydra.run.dir={tmp_path / 'run'}").endswith(message)
 
 
 @pytest.mark.parametrize("command, override, says", [

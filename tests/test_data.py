@@ -1,11 +1,23 @@
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
-from fitnets_cli.config import ConfigError, Data
-from fitnets_cli.data import augment, gcn, lecun_lcn, load_data, stratified_split, zca_apply, zca_fit
-from helpers import failure, write_cifar, write_svhn, write_tiny_mnist
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.config.groups import Data, Network
+from fitnets_cli.data.load import load_data
+from fitnets_cli.data.preprocess import gcn, lecun_lcn, zca_apply, zca_fit
+from fitnets_cli.data.splits import Resident, stratified_split
+from fitnets_cli.data.views import augment
+from fitnets_cli.networks.build import build_network
+from fitnets_cli.networks.checkpoint import saved_dataset
+from fitnets_cli.training.hints import HintPlan
+from fitnets_cli.training.stages import Session, Stage, teacher_cache
+from helpers import call, failure, main, write_cifar, write_svhn, write_tiny_mnist
 
 
 def dataset_cfg(make_config, name, **overrides):
@@ -37,6 +49,7 @@ def test_missing_dataset_names_the_fix(make_config, tmp_path):
         load_data(dataset_cfg(make_config, "mnist"), Data(root=str(tmp_path / "nowhere")), "cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_loads_from_official_pickles_with_gcn_zca_cached(make_config, tiny_datasets, monkeypatch, name):
     # The tiny files cannot match torchvision's MD5 sums; everything else is torchvision's real reader.
@@ -50,7 +63,7 @@ def test_cifar_loads_from_official_pickles_with_gcn_zca_cached(make_config, tiny
     images = torch.cat([splits.train.x, splits.valid.x]).flatten(1)
     assert images.mean(0).abs().max() < 1e-4
     assert len(list((root / "fitnets_cache").glob(f"{name}-gcn_zca-*.pt"))) == 1
-    monkeypatch.setattr("fitnets_cli.data.zca_fit", None)      # a second load must not whiten again
+    monkeypatch.setattr("fitnets_cli.data.preprocess.zca_fit", None)      # a second load must not whiten again
     again = load_data(ds, Data(root=str(root)), "cpu")
     assert torch.equal(again.train.x, splits.train.x)
 
@@ -66,6 +79,7 @@ def test_svhn_loads_from_official_mat_files_with_the_extra_split(make_config, tm
     assert torch.isfinite(splits.train.x).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100", "svhn"])
 def test_garbled_dataset_files_stop_in_one_line_naming_the_folder(name, tmp_path):
     rng = np.random.default_rng(0)
@@ -115,6 +129,7 @@ def test_lcn_centres_flat_images():
     assert out.shape == (2, 3, 32, 32) and out[:, :, 8:24, 8:24].abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_augment_draws_uniform_crops_and_fair_flips_and_keeps_order():
     n, h, w, pad = 20000, 16, 16, 4
     rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w) + 1
@@ -134,3 +149,75 @@ def test_augment_draws_uniform_crops_and_fair_flips_and_keeps_order():
         assert (counts.float() / n - 1 / (2 * pad + 1)).abs().max() < 0.015
     assert abs(flipped.float().mean().item() - 0.5) < 0.015
     assert torch.equal(augment(x[:3], 0, False), x[:3])
+
+
+# A ConvNeXt small enough for seconds on a CPU: its stem (stride 4) and three stride-2 downsamplings need 32
+# px; on 28x28 MNIST the last one meets a 1x1 map and fails.
+CONVNEXT = ["teacher=timm", "teacher.arch=convnext_atto", "+teacher.depths=[1,1,1,1]", "+teacher.dims=[8,16,16,16]"]
+
+
+def test_resize_serves_mnist_batches_resized_on_the_device_without_a_resized_copy(make_config, tiny_mnist):
+    ds = dataset_cfg(make_config, "mnist", valid_size=50, resize=32)
+    assert ds.in_shape == [1, 32, 32] and ds.resize == 32
+    assert saved_dataset({"dataset": asdict(ds)}).in_shape == [1, 32, 32]   # re-read (resume, eval): the same
+    splits = load_data(ds, Data(root=str(tiny_mnist)), "cpu")
+    native = load_data(dataset_cfg(make_config, "mnist", valid_size=50), Data(root=str(tiny_mnist)), "cpu")
+    for split, plain in zip((splits.train, splits.valid, splits.test), (native.train, native.valid, native.test)):
+        assert split.side == 32 and split.x.shape[1:] == (1, 28, 28)   # held at its own size
+        assert torch.equal(split.x, plain.x)
+        x, y, idx, _ = next(split.batches(16, order=torch.arange(len(split)).flip(0)))
+        expected = F.interpolate(plain.x[idx], size=(32, 32), mode="bilinear", align_corners=False)
+        assert x.shape == (16, 1, 32, 32) and torch.allclose(x, expected, atol=1e-6)
+        assert torch.equal(y, plain.y[idx]) and not torch.equal(x[:, :, :28, :28], plain.x[idx])
+    both = splits.train + splits.valid
+    assert both.side == 32 and both.rows(torch.tensor([0])).shape == (1, 1, 32, 32)
+    # Shrinking is antialiased, as PIL and torchvision's Resize shrink (plain bilinear would skip pixels).
+    small = Resident(torch.rand(2, 3, 28, 28, generator=torch.Generator().manual_seed(0)), torch.zeros(2), side=8)
+    shrunk = small.rows(torch.arange(2))
+    resized = lambda antialias: F.interpolate(small.x, size=(8, 8), mode="bilinear", antialias=antialias)
+    assert torch.allclose(shrunk, resized(True), atol=1e-6) and not torch.allclose(shrunk, resized(False), atol=1e-3)
+    # Without a side, rows are the tensor's own rows (positional x, y as before).
+    assert torch.equal(Resident(plain.x, plain.y).rows(idx), plain.x[idx])
+
+
+def test_resize_of_image_files_or_not_positive_stops_in_one_line(tmp_path):
+    line = failure("train-teacher", "dataset=imagefolder", f"data.root={tmp_path}", "dataset.resize=32",
+                   "device=cpu", f"hydra.run.dir={tmp_path / 'run'}")
+    assert "dataset.resize applies to mnist, cifar and svhn tensors" in line and "dataset.images.size" in line, line
+    line = failure("train-teacher", "dataset=mnist_subset", "dataset.resize=0", "device=cpu",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert "dataset.resize must be > 0" in line, line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_teacher_cache_of_a_resized_split_equals_live_passes_on_resized_batches(make_config):
+    cfg = make_config("train", ["dataset=mnist_subset", "dataset.resize=32", "eval_batch_size=7"])
+    torch.manual_seed(0)
+    teacher = build_network(Network(source="timm", arch="convnext_atto",
+                                    kwargs={"depths": [1, 1, 1, 1], "dims": [8, 16, 16, 16]}),
+                            cfg.dataset.in_shape, 10).eval()
+    g = torch.Generator().manual_seed(0)
+    split = Resident(torch.rand(20, 1, 28, 28, generator=g), torch.randint(0, 10, (20,), generator=g), side=32)
+    plan = HintPlan("stages.1", "conv1", (), (), "none", None)
+    for stage, layer in ((Stage("kd"), None), (Stage("hint", [plan]), "stages.1")):
+        cache = teacher_cache(cfg, Session(teacher, teacher), stage, split, augmented=False)
+        for idx in (torch.arange(5), torch.tensor([19, 3, 11])):   # across the cache's batches of 7
+            resized = F.interpolate(split.x[idx], size=(32, 32), mode="bilinear", align_corners=False)
+            with torch.no_grad():
+                live = teacher.taps(resized, [layer])[layer]
+            assert torch.allclose(cache[layer][idx], live, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_convnext_teacher_trains_on_mnist_resized_to_32_and_eval_reads_the_resize_back(tiny, tiny_mnist, tmp_path):
+    line = failure("train-teacher", *tiny, *CONVNEXT, "recipe.teacher.max_epochs=1", f"hydra.run.dir={tmp_path / 'no'}")
+    assert "network convnext_atto does not run on (1, 28, 28) images" in line and "dataset.resize=N for mnist" in line
+    assert "dataset.images.size=N for image files" in line, line
+    run = tmp_path / "r"
+    main("train-teacher", *tiny, *CONVNEXT, "dataset.resize=32", "recipe.teacher.max_epochs=1", f"hydra.run.dir={run}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    checkpoint = torch.load(run / "checkpoints" / "teacher.pt", weights_only=True)
+    assert checkpoint["in_shape"] == [1, 32, 32] and checkpoint["dataset"]["resize"] == 32
+    evaluated = call("eval", f"checkpoint={run / 'checkpoints' / 'teacher.pt'}", "device=cpu",
+                     f"data.root={tiny_mnist}").stdout
+    assert f"{metrics['test']['acc']:.2%}" in evaluated

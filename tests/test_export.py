@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from fitnets_cli import api, export
-from fitnets_cli.checkpoint import save_model
-from fitnets_cli.data import load_data
-from fitnets_cli.networks import build_network
+from fitnets_cli import api
+from fitnets_cli.commands import export
+from fitnets_cli.networks.checkpoint import save_model
+from fitnets_cli.data.load import load_data
+from fitnets_cli.networks.build import build_network
 from helpers import failure, main, make_config, tiny_overrides, write_tiny_mnist
 
 
@@ -63,7 +64,7 @@ def images_of(data):
 
 def run_export(path, fmt, x):
     if fmt == "safetensors":
-        from fitnets_cli.export import run_safetensors
+        from fitnets_cli.commands.export import run_safetensors
         return run_safetensors(path, x)
     if fmt == "torchscript":
         return torch.jit.load(str(path))(x)
@@ -73,6 +74,7 @@ def run_export(path, fmt, x):
     return torch.from_numpy(onnxruntime.InferenceSession(str(path)).run(None, {"images": x.numpy()})[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "pt2", "onnx"])
 @pytest.mark.parametrize("source", list(STUDENTS))
 def test_each_format_round_trips_and_gives_the_checkpoints_logits(world, tmp_path, source, fmt):
@@ -92,6 +94,7 @@ def test_each_format_round_trips_and_gives_the_checkpoints_logits(world, tmp_pat
         assert torch.allclose(run_export(out, fmt, x), api.load(checkpoints[source])(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_and_outputs_stop_in_one_line_and_damage_nothing(world, tmp_path, monkeypatch):
     data, checkpoints = world
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
@@ -116,6 +119,7 @@ def test_bad_checkpoints_and_outputs_stop_in_one_line_and_damage_nothing(world, 
     assert (tmp_path / "kept.pt").read_text() == "earlier" and not list(tmp_path.glob(".kept.pt.*"))
 
 
+@pytest.mark.slow
 def test_the_api_runs_the_commands_twice_in_one_process_and_returns_what_the_cli_writes(tmp_path, monkeypatch):
     data = write_tiny_mnist(tmp_path / "data")
     base = tiny_overrides(data, tmp_path / "teachers") + ["recipe.student.max_epochs=1"]
@@ -150,6 +154,7 @@ def test_the_api_runs_the_commands_twice_in_one_process_and_returns_what_the_cli
         api.compose("train", ["format=csv"])
 
 
+@pytest.mark.slow
 def test_an_optuna_sweep_on_the_mnist_subset_minimises_the_trials_objectives(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the Optuna sweeper: pip install '.[optuna]'")
     import yaml

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from fitnets_cli.data import augment
-from fitnets_cli.loop import augmentation
-from fitnets_cli.stages import autocast, batch_targets, make_stages, stage_loss, teacher_cache
+from fitnets_cli.data.views import augment
+from fitnets_cli.training.loop import augmentation
+from fitnets_cli.training.stages import autocast, batch_targets, make_stages, stage_loss, teacher_cache
 
 from helpers import mnist_session, random_split
 
@@ -104,7 +104,7 @@ def test_amp_trains_under_bf16_on_cpu_with_float32_losses(make_config, tmp_path)
         for stage in make_stages(["hint", "kd"], plans):
             with autocast(run.cfg, run.device):
                 loss, _, _ = stage_loss(run.cfg, s, stage, x, y, 4.0, batch_targets(s, stage, x, None, None))
-                assert s.student(x).dtype == (torch.bfloat16 if amp else torch.float32)
+                assert s.net(x).dtype == (torch.bfloat16 if amp else torch.float32)
             assert loss.dtype == torch.float32
             losses[amp, stage.kind] = loss.item()
     for kind in ("hint", "kd"):

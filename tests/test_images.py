@@ -15,9 +15,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from fitnets_cli.data import Resident, held_out, load_data
-from fitnets_cli.images import resolve
-from fitnets_cli.streaming import Streamed, crop_box
+from fitnets_cli.data.load import load_data
+from fitnets_cli.data.splits import Resident, held_out
+from fitnets_cli.data.images import resolve
+from fitnets_cli.data.streaming import Streamed, crop_box
 from helpers import (failure, in_stage, main, make_config, signal_when, start, without_timing, write_image_folder,
                      write_tiny_mnist)
 from test_scale import TORCHRUN, numbers
@@ -48,6 +49,7 @@ def metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_an_image_folder_trains_end_to_end_streamed_with_a_torchvision_teacher(folder, tmp_path):
     run = tmp_path / "run"
     out = main("train", "dataset=imagefolder", f"data.root={folder[0]}", *teacher(folder), "student=zoo", "student.arch=resnet8x4",
@@ -78,6 +80,7 @@ def test_resident_and_streamed_splits_give_the_same_batches_for_the_same_seed(fo
     assert held.train.x.shape == (24, 3, 12, 12) and len(held.valid) == len(held.test) == 12   # val/: both
 
 
+@pytest.mark.slow
 def test_resident_and_streamed_runs_train_alike(folder, tmp_path):
     runs = {}
     for resident in ("true", "false"):
@@ -88,6 +91,7 @@ def test_resident_and_streamed_runs_train_alike(folder, tmp_path):
     assert numbers(runs["true"]) == numbers(runs["false"])
 
 
+@pytest.mark.slow
 def test_imagenet_layout_is_read_as_torchvision_prepares_it(tmp_path):
     """The folders and meta.bin that torchvision extracts from ImageNet's archives: two classes by WordNet id."""
     root = tmp_path / "imagenet"
@@ -110,6 +114,7 @@ def test_imagenet_layout_is_read_as_torchvision_prepares_it(tmp_path):
     assert torch.allclose(x[:, 0].mean((1, 2)), expected.repeat_interleave(2), atol=0.02)
 
 
+@pytest.mark.slow
 def test_a_torchvision_dataset_by_name_reads_the_same_images_as_the_built_in_loader(tmp_path):
     root = write_tiny_mnist(tmp_path)
     by_name = resolve(make_config("train", ["dataset=torchvision", "dataset.images.cls=MNIST", f"data.root={root}",
@@ -140,6 +145,7 @@ def importable(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
 
 
+@pytest.mark.slow
 def test_a_streamed_run_stopped_mid_epoch_resumes_on_the_same_images(folder, tmp_path, importable):
     # Random-resized crops on the workers and flips on the device: a resumed run must see the same views.
     args = [*RESUMABLE, f"data.root={folder[0]}", *teacher(folder), "dataset.augment.resized_crop=true",
@@ -160,6 +166,7 @@ def test_a_streamed_run_stopped_mid_epoch_resumes_on_the_same_images(folder, tmp
     assert all(torch.equal(v, weights(run)[k]) for k, v in weights(reference).items())
 
 
+@pytest.mark.slow
 def test_two_ranks_stream_their_shares_and_train_like_one_process(folder, tmp_path, importable):
     # Crops are drawn per image from the epoch's seed, so both runs cut the same ones; flips are off (they are
     # drawn on each rank's device).
@@ -240,6 +247,7 @@ def test_a_folder_too_small_for_its_validation_share_stops_in_one_line(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_truncated_image_stops_the_run_naming_it_or_is_skipped_and_counted(tmp_path):
     def truncate(root):
         path = root / "train" / "class0" / "1.jpg"

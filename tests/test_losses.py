@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from fitnets_cli.config import KD
-from fitnets_cli.losses import hint_loss, kd_loss, lam_at
+from fitnets_cli.config.groups import KD
+from fitnets_cli.training.losses import hint_loss, kd_loss
+from fitnets_cli.training.schedules import lam_at
 
 
 def test_hint_loss_is_zero_for_identical_maps_and_half_the_squared_distance_otherwise():

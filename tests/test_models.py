@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from fitnets_cli.compare import load_student
-from fitnets_cli.config import Layer, Network
-from fitnets_cli.models import Maxout, build_net
-from fitnets_cli.networks import count
+from fitnets_cli.commands.compare import load_student
+from fitnets_cli.config.groups import Layer, Network
+from fitnets_cli.networks.maxout import Maxout, build_net
+from fitnets_cli.networks.build import build_network, count
 
 STUDENTS = ["fitnet1", "fitnet2", "fitnet3", "fitnet4", "fitnet_mnist"] + [
     f"depth{d}_{b}" for d in (5, 7, 9, 11) for b in ("30m", "107m")]
@@ -47,13 +47,18 @@ def test_mnist_student_maps_match_the_spec():
 
 
 # Spec section 2.8 (DERIVED): weights only, FC maxout counted as 2 pieces.
+def sizes(spec, in_shape, classes, counting="actual") -> dict:
+    """networks.count of the network a spec builds."""
+    return count(build_network(spec, in_shape, classes), counting)
+
+
 @pytest.mark.parametrize("name,params,mults", [
     ("fitnet1", 249_576, 30_150_024),
     ("fitnet2", 861_928, 107_800_000),
     ("fitnet4", 2_540_000, 381_700_000),
 ])
 def test_paper_counts_of_the_cifar_fitnets(name, params, mults):
-    c = count(load_student(name), (3, 32, 32), 10, counting="paper")
+    c = sizes(load_student(name), (3, 32, 32), 10, counting="paper")
     assert c["layers"] == {"fitnet1": 11, "fitnet2": 11, "fitnet4": 19}[name]
     if name == "fitnet1":   # the spec gives FitNet 1 exactly
         assert (c["params"], c["mults"]) == (params, mults)
@@ -61,20 +66,21 @@ def test_paper_counts_of_the_cifar_fitnets(name, params, mults):
     assert c["mults"] == pytest.approx(mults, rel=0.001)
 
 
+@pytest.mark.slow
 def test_paper_counts_of_the_teachers(make_config):
-    cifar = count(cifar_teacher(make_config), (3, 32, 32), 10, counting="paper")
+    cifar = sizes(cifar_teacher(make_config), (3, 32, 32), 10, counting="paper")
     assert cifar["layers"] == 5 and cifar["params"] == pytest.approx(9.04e6, rel=0.001)
     assert cifar["mults"] == pytest.approx(725.09e6, rel=0.0001)
-    mnist = count(make_config("train", ["dataset=mnist"]).teacher, (1, 28, 28), 10, counting="paper")
+    mnist = sizes(make_config("train", ["dataset=mnist"]).teacher, (1, 28, 28), 10, counting="paper")
     assert mnist["params"] == 360_816
-    svhn = count(make_config("train", ["dataset=svhn"]).teacher, (3, 32, 32), 10, counting="paper")
+    svhn = sizes(make_config("train", ["dataset=svhn"]).teacher, (3, 32, 32), 10, counting="paper")
     assert svhn["params"] == pytest.approx(4.93e6, rel=0.002)
-    assert count(load_student("fitnet_mnist"), (1, 28, 28), 10, counting="paper")["params"] == 29_944
+    assert sizes(load_student("fitnet_mnist"), (1, 28, 28), 10, counting="paper")["params"] == 29_944
 
 
 def test_actual_counting_includes_biases_and_all_fc_pieces(make_config):
     teacher = cifar_teacher(make_config)
-    actual, paper = (count(teacher, (3, 32, 32), 10, c) for c in ("actual", "paper"))
+    actual, paper = (sizes(teacher, (3, 32, 32), 10, c) for c in ("actual", "paper"))
     net = build_net(teacher.layers, (3, 32, 32), 10)
     assert actual["params"] == sum(p.numel() for p in net.parameters())
     assert actual["params"] == pytest.approx(16.2e6, rel=0.01)     # spec 2.8: 5-piece FC
@@ -84,7 +90,7 @@ def test_actual_counting_includes_biases_and_all_fc_pieces(make_config):
 def test_flop_counter_counts_a_small_maxout_net_like_a_hand_count():
     layers = [Layer(name="c", kind="conv", out=4, pieces=3, kernel=3, pad=1, pool=2),
               Layer(name="f", kind="fc", out=5, pieces=2), Layer(name="softmax", kind="softmax")]
-    c = count(Network(name="small", layers=layers), (2, 6, 6), 7)
+    c = sizes(Network(name="small", layers=layers), (2, 6, 6), 7)
     conv = 3 * 3 * 2 * (4 * 3) * 6 * 6      # k^2 * C_in * C_out*pieces * H * W
     fc = (4 * 3 * 3) * (5 * 2)
     assert c["mults"] == conv + fc + 5 * 7 and c["flops"] == 2 * c["mults"]

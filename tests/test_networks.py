@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fitnets_cli.checkpoint import FORMAT
-from fitnets_cli.commands import TrainConfig
-from fitnets_cli.config import KD, Dataset, HintPair, Hints, Network, Optim, Recipe, Schedule
-from fitnets_cli.data import Resident
-from fitnets_cli.hints import default_tap, make_regressors, plan_hints
-from fitnets_cli.losses import hint_loss, kd_loss
-from fitnets_cli.networks import build_network
-from fitnets_cli.stages import Session, make_stages, stage_loss
+from fitnets_cli.networks.checkpoint import FORMAT
+from fitnets_cli.config.commands import TrainConfig
+from fitnets_cli.config.groups import Dataset, HintPair, Hints, KD, Network, Optim, Recipe, Schedule
+from fitnets_cli.data.splits import Resident
+from fitnets_cli.training.hints import default_tap, make_regressors, plan_hints
+from fitnets_cli.training.losses import hint_loss, kd_loss
+from fitnets_cli.networks.build import build_network
+from fitnets_cli.training.stages import Session, make_stages, stage_loss
 
 from helpers import (call, failure, in_stage, signal_when, start, tiny_overrides, tiny_run, train_stages, without_timing,
                      write_tiny_mnist)
@@ -84,6 +84,7 @@ def test_layers_lists_taps_of_a_torchvision_model_and_a_user_module(world):
     assert "11x11 conv, relu" in out   # 14 - 4 + 1: the paper's regressor, with the hint's ReLU
 
 
+@pytest.mark.slow
 def test_two_stage_runs_for_every_source_and_their_checkpoints_reload(world):
     root, base = world
     call("train-teacher", *base, *TV_TEACHER, f"hydra.run.dir={root / 'tv_teacher'}")
@@ -114,6 +115,7 @@ def test_two_stage_runs_for_every_source_and_their_checkpoints_reload(world):
     assert json.loads((root / "from_weights" / "metrics.json").read_text())["teacher"] == "resnet18"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_previous_format_still_loads(world):
     root, base = world
     call("train-teacher", *base, f"hydra.run.dir={root / 'maxout_teacher'}", f"teacher_store={root / 'old_store'}")
@@ -163,13 +165,13 @@ def tiny_resnet_session(tmp_path, teacher_arch="resnet18"):
 
 def test_stage_one_changes_only_what_the_guided_tap_depends_on(tmp_path):
     run, s, plans = tiny_resnet_session(tmp_path)
-    assert [p.guided for p in plans] == ["layer2"] and default_tap(s.student) == "layer2"
-    before = {k: v.clone() for k, v in s.student.state_dict().items()}
+    assert [p.guided for p in plans] == ["layer2"] and default_tap(s.net) == "layer2"
+    before = {k: v.clone() for k, v in s.net.state_dict().items()}
     teacher = {k: v.clone() for k, v in s.teacher.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     data = Resident(torch.rand(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
     train_stages(run, s, make_stages(["hint"], plans), data, None, [1])
-    changed = {k for k, v in s.student.state_dict().items() if not torch.equal(v, before[k])}
+    changed = {k for k, v in s.net.state_dict().items() if not torch.equal(v, before[k])}
     upto = ("model.conv1.", "model.bn1.", "model.layer1.", "model.layer2.")
     # every weight and running statistic up to layer2 moved (num_batches_tracked too); nothing after it
     assert changed == {k for k in before if k.startswith(upto)}
@@ -187,8 +189,8 @@ def test_crd_fitnet_loss_is_ce_plus_100_mse_through_conv_bn(tmp_path, make_confi
     loss, terms, logits = stage_loss(run.cfg, s, stage, x, y, 0.0, {"layer2": target})
     regressor = s.regressors["layer2"]
     assert [type(m).__name__ for m in regressor] == ["Conv2d", "BatchNorm2d", "ReLU"]
-    guided = s.student.taps(x, ["layer2"])["layer2"]
-    by_hand = F.cross_entropy(s.student(x), y) + 100 * ((regressor(guided) - target) ** 2).sum() / target.numel()
+    guided = s.net.taps(x, ["layer2"])["layer2"]
+    by_hand = F.cross_entropy(s.net(x), y) + 100 * ((regressor(guided) - target) ** 2).sum() / target.numel()
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
@@ -207,7 +209,7 @@ def test_hinton_kd_matches_a_hand_computation():
 @pytest.mark.parametrize("student_hw, teacher_hw, kind", [
     (8, 4, "3x3 stride-2 conv"), (4, 8, "4x4 stride-2 transposed conv"), (8, 8, "1x1 conv"), (8, 6, "3x3 conv")])
 def test_conv_bn_regressor_maps_the_guided_shape_onto_the_hint_shape(student_hw, teacher_hw, kind):
-    from fitnets_cli.hints import plan
+    from fitnets_cli.training.hints import plan
 
     class Fake:
         shapes = {"h": (32, teacher_hw, teacher_hw)}
@@ -228,6 +230,7 @@ def test_unknown_sources_and_arguments_stop_with_one_line(world, tmp_path):
         assert message in failure("train", *base, *args, f"hydra.run.dir={tmp_path / 'x'}")
 
 
+@pytest.mark.slow
 def test_a_user_module_run_resumes_exactly_after_a_kill(world, tmp_path):
     root, base = world
     args = [*base, *USER_STUDENT, "schedule=backprop", "recipe.student.max_epochs=6", "recipe.student.batch_size=8",

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from fitnets_cli import checkpoint
-from fitnets_cli.checkpoint import DiskFull, atomic_write, write_json
-from fitnets_cli.compare import load_student
-from fitnets_cli.models import build_net
+from fitnets_cli.runtime import files
+from fitnets_cli.runtime.files import DiskFull, atomic_write, write_json
+from fitnets_cli.commands.compare import load_student
+from fitnets_cli.networks.maxout import build_net
 from helpers import call, failure, in_stage, main, signal_when, stage_of, start, without_timing
 
 # Five epochs a stage leave room to stop a run in stage 1, at the boundary and in stage 2.
@@ -65,6 +65,7 @@ def interrupt_when(setup, tmp_path, condition, sig, extra=()):
     return run, proc.returncode, err
 
 
+@pytest.mark.slow
 def test_sigterm_in_stage_one_checkpoints_mid_epoch_and_resumes_exactly(setup, tmp_path):
     run, rc, err = interrupt_when(setup, tmp_path, lambda s: stage_of(s) == 0 and in_stage(s) and in_stage(s)["epoch"] >= 2,
                                   signal.SIGTERM)
@@ -76,6 +77,7 @@ def test_sigterm_in_stage_one_checkpoints_mid_epoch_and_resumes_exactly(setup, t
     assert_same_run(setup.reference, run)
 
 
+@pytest.mark.slow
 def test_sigkill_at_the_stage_boundary_resumes_exactly(setup, tmp_path):
     run, rc, _ = interrupt_when(setup, tmp_path, lambda s: stage_of(s) == 1 and not in_stage(s), signal.SIGKILL)
     assert rc == -signal.SIGKILL
@@ -83,6 +85,7 @@ def test_sigkill_at_the_stage_boundary_resumes_exactly(setup, tmp_path):
     assert_same_run(setup.reference, run)
 
 
+@pytest.mark.slow
 def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(setup, tmp_path):
     run, rc, _ = interrupt_when(setup, tmp_path, lambda s: stage_of(s) == 1 and in_stage(s) and in_stage(s)["epoch"] >= 3,
                                 signal.SIGKILL)
@@ -95,6 +98,7 @@ def test_sigkill_in_stage_two_resumes_exactly_and_a_finished_run_is_left_alone(s
     assert (run / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_kill_while_retraining_with_augmentation_resumes_exactly(setup, tmp_path):
     base = setup.base
     extra = ["recipe.retrain_full=true", "dataset.augment.flip=true", "dataset.augment.pad=2",
@@ -109,6 +113,7 @@ def test_a_kill_while_retraining_with_augmentation_resumes_exactly(setup, tmp_pa
         "retrain/hint:conv4<-conv2", "retrain/kd"]
 
 
+@pytest.mark.slow
 def test_a_finished_teacher_is_left_alone_and_resumed_only_by_its_own_command(teacher):
     # That two deterministic runs are identical the resume tests above show: each resumed run can equal the
     # reference only if training is deterministic.
@@ -162,6 +167,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_in_one_line_and_the_run_resumes_from_its_last_checkpoint(setup, tmpfs):
     base = setup.base
     net = build_net(load_student("fitnet_mnist").layers, (1, 28, 28), 10)
@@ -182,6 +188,7 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes_from_its_last_checkpo
     assert [s["epochs"] for s in json.loads((run / "metrics.json").read_text())["stages"]] == [3]
 
 
+@pytest.mark.slow
 def test_a_write_that_finds_no_space_reports_it_and_keeps_the_previous_file(setup, tmp_path, monkeypatch):
     """The same without root: the second epoch's checkpoint write fails with ENOSPC."""
     real_save, saved = torch.save, []
@@ -211,16 +218,17 @@ def test_torchs_errno_less_write_failure_is_told_from_other_errors_by_the_free_s
         tmp.write_bytes(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
-    real_usage = checkpoint.shutil.disk_usage
+    real_usage = files.shutil.disk_usage
     with pytest.raises(RuntimeError, match="unexpected pos"):     # space left: not reported as a full disk
         atomic_write(target, torch_out_of_space)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4096))
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4096))
     with pytest.raises(DiskFull, match=re.escape(f"could not write {target} (4.0 KiB free there, and it needs more "
                                                  "than 7 bytes); free some space there")):
         atomic_write(target, torch_out_of_space)
     assert torch.load(target, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_with_the_stage_epoch_and_term_and_keeps_the_last_checkpoint(setup, tmp_path):
     base = setup.base
     run = tmp_path / "nan"
@@ -235,6 +243,7 @@ def files_of(*paths):
             if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["student=fitnet99"], "Available options in 'student': depth11_107m"),
     (["teacher=resnet32x4"], "the CIFAR-100 benchmark's networks are teacher=zoo teacher.arch=resnet32x4"),
@@ -257,6 +266,7 @@ def test_bad_input_exits_with_one_line_and_writes_nothing(setup, tmp_path, args,
     assert files_of(root, reference) == before
 
 
+@pytest.mark.slow
 def test_foreign_and_corrupted_checkpoints_are_refused(setup, tmp_path):
     root, base, reference = setup
     teacher = root / "teacher" / "checkpoints" / "teacher.pt"
@@ -272,6 +282,7 @@ def test_foreign_and_corrupted_checkpoints_are_refused(setup, tmp_path):
     assert files_of(root, reference) == before
 
 
+@pytest.mark.slow
 def test_eval_prints_the_provenance(setup):
     root, base, reference = setup
     teacher_file = root / "teachers" / "maxout-mnist.pt"
@@ -285,7 +296,7 @@ def test_provenance_of_a_source_tree_that_was_never_installed(monkeypatch, make_
     # Runs started with PYTHONPATH=src have no fitnets-cli metadata; they must still finish.
     from importlib.metadata import PackageNotFoundError
 
-    from fitnets_cli import rundir
+    from fitnets_cli.training import rundir
 
     def fake_version(package):
         if package == "fitnets-cli":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fitnets_cli import api
 from helpers import call, in_stage, main, signal_when, stage_of, start
 
 # SGD: its update is linear in the gradient, so one process and two ranks stay within float rounding of
@@ -51,6 +52,7 @@ def numbers(run: Path) -> list[float]:
     return out + [m["test"]["loss"], m["test"]["acc"]]
 
 
+@pytest.mark.slow
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs):
     _, _, single_run, ddp = runs
     single, distributed = numbers(single_run), numbers(ddp)
@@ -63,6 +65,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(runs):
         json.loads((single_run / "metrics.json").read_text())["test"]["acc"]
 
 
+@pytest.mark.slow
 def test_eval_under_torchrun_splits_the_test_set_and_reports_it_once(runs, tmp_path):
     _, base, single, _ = runs
     out = torchrun("eval", f"checkpoint={single / 'checkpoints' / 'student.pt'}", base[1], "device=cpu", cwd=tmp_path)
@@ -72,6 +75,7 @@ def test_eval_under_torchrun_splits_the_test_set_and_reports_it_once(runs, tmp_p
                                         f"{test['error']:.2%}", f"{test['loss']:.4f}"]
 
 
+@pytest.mark.slow
 def test_all_ranks_share_one_run_directory_and_only_rank_0_writes(runs):
     root, _, _, run = runs
     assert list((root / "ddp").rglob("metrics.json")) == [run / "metrics.json"]   # ${now:...} resolved once
@@ -83,6 +87,7 @@ def test_all_ranks_share_one_run_directory_and_only_rank_0_writes(runs):
     assert len(pids) == 1, pids
 
 
+@pytest.mark.slow
 def test_a_distributed_run_resumes_after_sigterm(runs, tmp_path):
     _, base, _, reference = runs
     run = tmp_path / "run"
@@ -100,6 +105,7 @@ def test_a_distributed_run_resumes_after_sigterm(runs, tmp_path):
         list(zip(resumed, uninterrupted))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_multirun_under_torchrun_is_refused_in_one_line(tmp_path, rank):
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank}
@@ -114,6 +120,7 @@ def test_a_multirun_under_torchrun_is_refused_in_one_line(tmp_path, rank):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_joblib_sweep_of_two_backprop_jobs_needs_no_teacher_and_compare_reads_it(tiny, tmp_path):
     sweep = tmp_path / "sweep"
     call("train", "-m", *tiny, "student=fitnet_mnist", "schedule=backprop", "seed=0,1",
@@ -127,16 +134,13 @@ def test_a_joblib_sweep_of_two_backprop_jobs_needs_no_teacher_and_compare_reads_
 
 
 def test_the_slurm_preset_composes_onto_submitit():
-    from hydra import compose, initialize_config_module
-    with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+    cfg = api.composed("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 1
     assert launcher.partition == "gpu"
 
 
 def test_jobs_of_a_parallel_sweep_spread_over_the_gpus():
-    from fitnets_cli.dist import gpu_index
+    from fitnets_cli.runtime.dist import gpu_index
     assert [gpu_index(4, job) for job in range(6)] == [0, 1, 2, 3, 0, 1]
     assert gpu_index(4, None) == 0

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fitnets_cli.config import ConfigError, HintPair, Network
-from fitnets_cli.hints import default_tap, make_regressors, plan_hints
-from fitnets_cli.networks import build_network
-from fitnets_cli.stages import Session, make_stages
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.config.groups import HintPair, Network
+from fitnets_cli.training.hints import default_tap, make_regressors, plan_hints
+from fitnets_cli.networks.build import build_network
+from fitnets_cli.training.stages import Session, make_stages
 from helpers import failure, main, random_split, tiny_overrides, tiny_run, train_stages, write_tiny_mnist
 
 SHAPE = (1, 28, 28)
@@ -28,6 +29,7 @@ def timm_net(arch, shape=SHAPE, classes=10, **kwargs):
 
 # The default hint or guided tap of each family: the middle stage of its feature_info, a stage output (never
 # a head, a dropout or a norm inside a layer).
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, kwargs, stages, default", [
     ("test_resnet", {}, ["act1", "layer1", "layer2", "layer3", "layer4"], "layer2"),
     ("test_convnext", {}, ["stages.0", "stages.1", "stages.2", "stages.3"], "stages.2"),
@@ -74,6 +76,7 @@ def test_the_patch_embedding_and_position_embedding_train_in_stage_one():
     assert not any(id(p) in trained for p in model.blocks[2].parameters()) and id(model.head.weight) not in trained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher_arch, teacher_kwargs, student_arch, student_kwargs, regressor", [
     ("test_vit", VIT, "test_resnet", {}, "1x1 conv"),                                # a CNN guided by tokens
     ("test_resnet", {}, "test_vit", VIT, "bilinear resize to 4x4, 1x1 conv, relu"),   # a ViT guided by a map
@@ -100,6 +103,7 @@ def test_hints_join_cnns_and_transformers_through_both_stages(make_config, tmp_p
     assert {"train_ce", "train_kd"} <= set(kd["history"][0])
 
 
+@pytest.mark.slow
 def test_a_vit_teacher_and_a_cnn_student_run_both_stages_from_the_command_line(tmp_path):
     base = tiny_overrides(write_tiny_mnist(tmp_path / "data"), tmp_path / "teachers")
     vit = ["teacher=timm", "teacher.arch=test_vit", "+teacher.patch_size=4", "recipe.teacher.lr=0.001"]
@@ -142,11 +146,12 @@ def hub_cache(root, arch) -> tuple[dict, str]:
     return weights, repo
 
 
-PROBE = ("import sys, torch; from fitnets_cli.config import Network; from fitnets_cli.networks import build_network; "
+PROBE = ("import sys, torch; from fitnets_cli.config.groups import Network; from fitnets_cli.networks.build import build_network; "
          "net = build_network(Network(source='timm', arch='test_resnet', pretrained=True), (3, 32, 32), 10); "
          "torch.save(net.model.state_dict(), sys.argv[1])")
 
 
+@pytest.mark.slow
 def test_pretrained_weights_come_from_the_hugging_face_cache_offline(tmp_path):
     weights, repo = hub_cache(tmp_path / "hf", "test_resnet")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
@@ -164,6 +169,7 @@ def test_pretrained_weights_come_from_the_hugging_face_cache_offline(tmp_path):
     assert "pass weights=PATH" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, says", [
     (["teacher.arch=vit_tiny_patch16_224", "+teacher.dynamic_img_size=false", "+teacher.img_size=224"],
      "network vit_tiny_patch16_224 does not run on (3, 32, 32) images"),
@@ -198,6 +204,7 @@ def torch_hub_cache(root, arch) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_torchvision_weight_names_come_from_the_torch_hub_cache_with_a_head_for_the_data(tmp_path, monkeypatch):
     state = torch_hub_cache(tmp_path / "torch", "mobilenet_v3_small")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -216,6 +223,7 @@ def test_torchvision_weight_names_come_from_the_torch_hub_cache_with_a_head_for_
         build_network(Network(arch="mobilenet_v3_small", weights="IMAGENET1K_V9"), (1, 28, 28), 10)
 
 
+@pytest.mark.slow
 def test_train_teacher_fine_tunes_torchvision_imagenet_weights_and_eval_rebuilds_it(tmp_path, monkeypatch):
     state = torch_hub_cache(tmp_path / "torch", "mobilenet_v3_small")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -254,7 +262,7 @@ class Gated(torch.nn.Module):
 
 
 def test_a_network_torch_fx_cannot_trace_is_read_with_forward_hooks_through_both_stages(make_config, tmp_path):
-    from fitnets_cli.taps import Hooked
+    from fitnets_cli.networks.taps import Hooked
 
     torch.manual_seed(0)
     student = build_network(Network(_target_="test_timm.Gated"), SHAPE, 10)
@@ -285,7 +293,7 @@ def test_layers_lists_the_hooked_taps_of_a_network_torch_fx_cannot_trace():
 
 
 def test_compare_sets_ofas_published_fitnet_figures_under_runs_of_its_pairs():
-    from fitnets_cli.benchmark import benchmark_records, benchmark_table
+    from fitnets_cli.commands.benchmark import benchmark_records, benchmark_table
 
     run = {"role": "student", "dataset": "cifar100_224", "teacher": "vit_small_patch16_224", "model": "resnet18",
            "seeds": 1, "test_acc": 70.5, "test_acc_last": 70.25}

@@ -1,11 +1,15 @@
+from collections import Counter
+
 import pytest
 import torch
 
-from fitnets_cli.config import ConfigError, HintPair
-from fitnets_cli.hints import make_regressors, plan_hints, regressor_params
-from fitnets_cli.models import build_net
-from fitnets_cli.stages import evaluate_stage, make_stages
-from helpers import mnist_session, random_split, train_stages
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.config.groups import HintPair
+from fitnets_cli.training.hints import make_regressors, plan_hints, regressor_params
+from fitnets_cli.networks.maxout import Net, build_net
+from fitnets_cli.networks.taps import Tapped
+from fitnets_cli.training.stages import evaluate_stage, make_stages
+from helpers import main, mnist_session, random_split, train_stages
 
 
 def snapshot(module):
@@ -18,9 +22,9 @@ def changed(before, module):
 
 def test_stage_one_trains_only_the_guided_part_and_the_regressor(make_config, tmp_path):
     run, s, plans = mnist_session(make_config, tmp_path)
-    student, teacher, regressor = snapshot(s.student), snapshot(s.teacher), snapshot(s.regressors)
+    student, teacher, regressor = snapshot(s.net), snapshot(s.teacher), snapshot(s.regressors)
     train_stages(run, s, make_stages(["hint"], plans), random_split(64, 0), None, [2])
-    moved = changed(student, s.student)
+    moved = changed(student, s.net)
     assert {k.split(".")[1] for k in moved} == {"conv1", "conv2", "conv3", "conv4"}
     assert not changed(teacher, s.teacher)
     assert changed(regressor, s.regressors) == set(regressor)
@@ -34,9 +38,9 @@ def test_hand_off_keeps_the_best_stage_one_weights_and_stage_two_trains_the_whol
     losses = [r["valid_hint"] for r in hint["history"]]
     assert hint["best_epoch"] == losses.index(min(losses)) != len(losses) - 1
     assert evaluate_stage(run.cfg, s, make_stages(["hint"], plans)[0], valid)["hint"] == pytest.approx(min(losses), rel=1e-5)
-    student, regressor = snapshot(s.student), snapshot(s.regressors)
+    student, regressor = snapshot(s.net), snapshot(s.regressors)
     train_stages(run, s, make_stages(["kd"], plans), random_split(64, 0), None, [1])
-    assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.layers)
+    assert {k.split(".")[1] for k in changed(student, s.net)} == set(s.net.layers)
     assert not changed(regressor, s.regressors)
 
 
@@ -81,7 +85,7 @@ def test_identical_shapes_need_no_regressor(make_config, tmp_path):
     teacher = build_net(cfg.teacher.layers, (3, 32, 32), 10)
     student = build_net(cfg.student.layers, (3, 32, 32), 10)
     # FitNet 4's conv5 gives 16x16x48 maps; a hypothetical teacher layer of that shape needs no regressor.
-    from fitnets_cli.config import Layer
+    from fitnets_cli.config.groups import Layer
     twin = build_net([Layer(name="conv1", kind="conv", out=48, pieces=2, kernel=3, pad=1, pool=2),
                       Layer(name="softmax", kind="softmax")], (3, 32, 32), 10)
     [plan] = plan_hints(twin, student, [HintPair("conv1", "conv5")], cfg.hints)
@@ -92,8 +96,33 @@ def test_identical_shapes_need_no_regressor(make_config, tmp_path):
 
 def test_joint_stage_trains_the_whole_student_and_the_regressor_together(make_config, tmp_path):
     run, s, plans = mnist_session(make_config, tmp_path, ["schedule=hint_joint"])
-    student, teacher, regressor = snapshot(s.student), snapshot(s.teacher), snapshot(s.regressors)
+    student, teacher, regressor = snapshot(s.net), snapshot(s.teacher), snapshot(s.regressors)
     [result] = train_stages(run, s, make_stages(["joint"], plans), random_split(64, 0), None, [1])
-    assert {k.split(".")[1] for k in changed(student, s.student)} == set(s.student.layers)
+    assert {k.split(".")[1] for k in changed(student, s.net)} == set(s.net.layers)
     assert changed(regressor, s.regressors) == set(regressor) and not changed(teacher, s.teacher)
     assert {"train_ce", "train_hint", "train_acc"} <= set(result["history"][0])
+
+
+def builds(monkeypatch) -> Counter:
+    """Count each network built from here on, by the name of its class (maxout nets: of their first layer's
+    spec's list of names), through the two constructors every network of the seam goes through."""
+    seen = Counter()
+    for cls, label in ((Net, lambda args: "maxout:" + ",".join(s.name for s in args[0])),
+                       (Tapped, lambda args: type(args[0]).__name__)):
+        def counted(self, *args, _init=cls.__init__, _label=label, **kwargs):
+            seen[_label(args)] += 1
+            _init(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "__init__", counted)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student", ["fitnet_mnist", "resnet8x4"])
+def test_one_train_builds_each_network_once(teacher, tmp_path, monkeypatch, student):
+    # The command line's check, the hint plan, the stages, the retrained phase and the final counts all use the
+    # networks built once; the trained student is saved from that very network.
+    _, base = teacher
+    seen = builds(monkeypatch)
+    main("train", *base, f"student={student}", "recipe.student.max_epochs=1", "recipe.retrain_full=true",
+         f"hydra.run.dir={tmp_path / 'run'}")
+    assert sorted(seen.values()) == [1, 1] and len(seen) == 2, seen

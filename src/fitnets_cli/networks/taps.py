@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from fitnets_cli.config import ConfigError
+from fitnets_cli.config.errors import ConfigError
 
 
 class Tapped(nn.Module):
@@ -241,8 +241,9 @@ def probe_pass(run: nn.Module, model: nn.Module, x, name: str, in_shape):
             return run.eval()(x)
     except Exception as err:
         raise ConfigError(f"network {name} does not run on {tuple(in_shape)} images ({type(err).__name__}: "
-                          f"{' '.join(str(err).split())[:150]}); give the images the size it takes "
-                          "(dataset.images.size=...) or build it for these (+teacher.img_size=... / "
+                          f"{' '.join(str(err).split())[:150]}); resize them to a size it takes "
+                          "(dataset.resize=N for mnist, mnist_subset, cifar10, cifar100 and svhn; "
+                          "dataset.images.size=N for image files) or build it for these (+teacher.img_size=... / "
                           "+student.img_size=...)") from None
     finally:
         model.train(was)

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitnets_cli import dist
-from fitnets_cli.data import Resident, batches
-from fitnets_cli.evaluate import evaluate
-from fitnets_cli.hints import HintPlan, key
-from fitnets_cli.losses import hint_loss, kd_loss
+from fitnets_cli.runtime import dist
+from fitnets_cli.data.splits import Resident, batches
+from fitnets_cli.training.evaluate import evaluate
+from fitnets_cli.training.hints import HintPlan, key
+from fitnets_cli.training.losses import hint_loss, kd_loss
 
 
 @dataclass
@@ -36,20 +36,20 @@ class Stage:
 
 @dataclass
 class Session:
-    """The networks being trained: the student (in train-teacher, the teacher), the frozen teacher, the
-    regressors (key(guided tap) -> regressor), and the optimiser of the stage in progress."""
-    student: nn.Module
+    """What a run trains: `net` (the student; in train-teacher, the teacher), the frozen teacher (train's),
+    the regressors (key(guided tap) -> regressor), and the optimiser of the stage in progress."""
+    net: nn.Module
     teacher: nn.Module | None = None
     regressors: nn.ModuleDict = field(default_factory=nn.ModuleDict)
     optimizer: torch.optim.Optimizer | None = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.student.parameters()).device
+        return next(self.net.parameters()).device
 
     def train(self, mode: bool = True) -> None:
-        """Switch the student and its regressors (batch norm, dropout) together."""
-        self.student.train(mode)
+        """Switch the trained network and its regressors (batch norm, dropout) together."""
+        self.net.train(mode)
         self.regressors.train(mode)
 
 
@@ -88,17 +88,17 @@ def teacher_cache(cfg, s: Session, stage: Stage, split, augmented: bool) -> dict
     layers = teacher_layers(stage)
     if not (layers and cfg.teacher_cache and isinstance(split, Resident) and not augmented):
         return None
-    x = split.x
-    size = len(x) * sum(math.prod(s.teacher.shapes[l] if l else (s.teacher.num_classes,)) for l in layers) * 4
+    n, device = len(split), split.device
+    size = n * sum(math.prod(s.teacher.shapes[l] if l else (s.teacher.num_classes,)) for l in layers) * 4
     if size > cfg.teacher_cache_gb * 2**30:
         return None
     cache = {}
-    for idx in batches(len(x), cfg.eval_batch_size, x.device, False):
-        with autocast(cfg, x.device):
-            outputs = s.teacher.taps(x[idx], layers)
+    for idx in batches(n, cfg.eval_batch_size, device, False):
+        with autocast(cfg, device):
+            outputs = s.teacher.taps(split.rows(idx), layers)   # resized as training batches are (dataset.resize)
         for layer, out in outputs.items():
             if layer not in cache:   # filled in place: no second copy while it is built
-                cache[layer] = torch.empty((len(x), *out.shape[1:]), dtype=out.dtype, device=out.device)
+                cache[layer] = torch.empty((n, *out.shape[1:]), dtype=out.dtype, device=out.device)
             cache[layer][idx] = out
     return cache
 
@@ -116,20 +116,20 @@ def stage_loss(cfg, s: Session, stage: Stage, x, y, lam: float, targets: dict):
     """(loss, {term: value}, logits or None) of one batch; `targets` holds the teacher's outputs."""
     if stage.kind == "hint":
         plan = stage.plans[0]
-        guided = s.student.taps(x, [plan.guided])[plan.guided]
+        guided = s.net.taps(x, [plan.guided])[plan.guided]
         loss = cfg.schedule.hint_weight * hint_loss(targets[plan.hint], regress(s, plan.guided, guided),
                                                     cfg.hints.reduction)
         return loss, {"hint": loss}, None
     if stage.kind == "kd":
-        logits, kd = s.student(x), cfg.recipe.kd
+        logits, kd = s.net(x), cfg.recipe.kd
         loss, ce, soft = kd_loss(logits, targets[None], y, kd.tau, lam, kd.form, kd.ce_weight)
         return loss, {"ce": ce, "kd": soft}, logits
     if stage.kind == "ce":
-        logits = s.student(x)
+        logits = s.net(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"ce": loss}, logits
     assert stage.kind == "joint", stage.kind
-    out = s.student.taps(x, [p.guided for p in stage.plans] + [None])
+    out = s.net.taps(x, [p.guided for p in stage.plans] + [None])
     terms = {"ce": F.cross_entropy(out[None], y)}
     terms["hint"] = sum(hint_loss(targets[p.hint], regress(s, p.guided, out[p.guided]), cfg.hints.reduction)
                         for p in stage.plans)
@@ -140,15 +140,15 @@ def trained_modules(s: Session, stage: Stage) -> list[nn.Module]:
     """Stage 1 trains what the guided tap depends on, and the regressor; the rest, all of the student."""
     regressors = [s.regressors[key(p.guided)] for p in stage.plans if key(p.guided) in s.regressors]
     if stage.kind == "hint":
-        return s.student.depends(stage.plans[0].guided) + regressors
-    return [s.student] + regressors
+        return s.net.depends(stage.plans[0].guided) + regressors
+    return [s.net] + regressors
 
 
 @torch.no_grad()
 def evaluate_stage(cfg, s: Session, stage: Stage, split, cache: dict | None = None) -> dict:
     """The validation metrics of a stage: hint loss for hint stages, else loss, accuracy and error."""
     if stage.kind != "hint":
-        return evaluate(s.student, split, cfg.eval_batch_size)
+        return evaluate(s.net, split, cfg.eval_batch_size)
     s.train(False)
     total = torch.zeros((), device=s.device)
     for x, y, idx, _ in split.batches(cfg.eval_batch_size):

@@ -7,7 +7,7 @@ import json
 
 from rich.table import Table
 
-from fitnets_cli.config import ConfigError
+from fitnets_cli.config.errors import ConfigError
 
 # CIFAR-100 test accuracy (%) published for the CRD benchmark's 13 pairs: the CRD paper's Tables 1 and 2
 # (Tian, Krishnan and Isola, Contrastive Representation Distillation, ICLR 2020), as tabulated in the

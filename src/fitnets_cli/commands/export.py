@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
-from fitnets_cli.checkpoint import DiskFull, atomic_write, load_model, saved_dataset, write_json
-from fitnets_cli.commands import ExportConfig
-from fitnets_cli.config import ConfigError, Dataset
-from fitnets_cli.data import load_data
-from fitnets_cli.networks import build_network, network_of
-from fitnets_cli.ui import console
+from fitnets_cli.networks.checkpoint import load_model, saved_dataset
+from fitnets_cli.runtime.files import DiskFull, atomic_write, write_json
+from fitnets_cli.config.commands import ExportConfig
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.config.groups import Dataset
+from fitnets_cli.data.load import load_data
+from fitnets_cli.networks.build import build_network, network_of
+from fitnets_cli.runtime.ui import console
 
 SUFFIX = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx", "pt2": ".pt2"}
 EXTRA = "pip install '.[export]' in the fitnets clone (or pip install onnx onnxscript onnxruntime)"
@@ -86,7 +88,9 @@ def preprocessing(d: Dataset) -> dict:
                        "fitted on the training split",
             "gcn_lcn": f"global contrast normalisation (scale {d.gcn_scale}) and local contrast normalisation"}
     return {"from": f"the {d.name} tensors as fitnets' data path prepares them", "preprocess": prep[d.preprocess],
-            "normalize": "each channel's training mean subtracted, divided by its std" if d.normalize else None}
+            "normalize": "each channel's training mean subtracted, divided by its std" if d.normalize else None,
+            "resize": f"then resized (bilinear, antialiased when shrinking) to {d.resize}x{d.resize}"
+                      if d.resize else None}
 
 
 def test_batch(cfg: ExportConfig, dataset: Dataset):

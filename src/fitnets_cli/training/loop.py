@@ -11,16 +11,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as Bars
 from torch import nn
 
-from fitnets_cli import dist, resume
-from fitnets_cli.config import Augment, ConfigError, Optim
-from fitnets_cli.data import Splits, augment
-from fitnets_cli.evaluate import evaluate
-from fitnets_cli.losses import lam_at
-from fitnets_cli.networks import constraints, restore_weights, snapshot_weights
-from fitnets_cli.resume import Interrupted, Progress
-from fitnets_cli.stages import (Session, Stage, autocast, batch_targets, evaluate_stage, stage_loss, teacher_cache,
-                                trained_modules)
-from fitnets_cli.ui import console
+from fitnets_cli.runtime import dist
+from fitnets_cli.training import resume
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.config.groups import Augment, Optim
+from fitnets_cli.data.splits import Splits
+from fitnets_cli.data.views import augment
+from fitnets_cli.training.evaluate import evaluate
+from fitnets_cli.training.schedules import lam_at, lr_at, momentum_at
+from fitnets_cli.networks.build import constraints, restore_weights, snapshot_weights
+from fitnets_cli.training.resume import Interrupted, Progress
+from fitnets_cli.training.stages import Session, Stage, autocast, batch_targets, evaluate_stage, stage_loss, teacher_cache, trained_modules
+from fitnets_cli.runtime.ui import console
 
 
 @dataclass
@@ -79,62 +81,26 @@ def train_stage(run: Run, s: Session, stage: Stage, train, valid, max_epochs: in
     cfg, optim, name = run.cfg, run.optim, stage_name(progress, stage)
     bars = bars or Bars(disable=True)
     modules = trained_modules(s, stage)
-    s.optimizer = make_optimizer(modules, list(s.regressors.values()), optim)
-    n = len(train)
-    per_epoch = n // optim.batch_size if optim.drop_last else math.ceil(n / optim.batch_size)
-    if per_epoch == 0:
-        raise ConfigError(f"stage {name}: drop_last=true with batch_size {optim.batch_size} leaves no batch of "
-                          f"the {n} training images; lower the batch size or set drop_last=false")
-    seen = min(per_epoch * optim.batch_size, n)   # images trained on per epoch
-    started_here = progress.optimizer is None
-    if started_here:
-        progress.start_stage(run.device)
-    else:   # continuing a stopped run inside this stage
-        s.optimizer.load_state_dict(progress.optimizer)
-        progress.optimizer = None
+    per_epoch = batches_per_epoch(len(train), optim, name)
+    open_stage(run, s, stage, modules, progress, name)
     aug = augmentation(run)
     cache = teacher_cache(cfg, s, stage, train, aug.random)
     valid_cache = teacher_cache(cfg, s, stage, valid, False) if valid is not None and stage.kind == "hint" else None
     if cache is not None:
-        console.print(f"{name}: teacher outputs computed once for the {n} training images "
+        console.print(f"{name}: teacher outputs computed once for the {len(train)} training images "
                       "(no augmentation); no teacher pass in the training steps")
     stage_task = bars.add_task(name, total=max_epochs, completed=progress.epoch, status="")
     batch_task = bars.add_task("  epoch", total=per_epoch, status="")
-    if started_here:
-        progress.stages_started += 1
-        run.tb.add_text("stages", f"stage {name} starts at epoch {progress.step}", progress.step)
     while progress.epoch < max_epochs:
         if progress.order is None:
-            progress.order = dist.same_order(torch.randperm(n, device=run.device))
+            progress.order = dist.same_order(torch.randperm(len(train), device=run.device))
             if aug.resized_crop:   # drawn only where crops need it
                 progress.seed = int(dist.same_order(torch.randint(2**62, (1,), device=run.device)).item())
         bars.reset(batch_task, completed=progress.batch)
         started = time.perf_counter()
         record = train_epoch(run, s, stage, modules, train, cache, progress, per_epoch, lambda: bars.advance(batch_task))
-
-        # ---- the epoch's record: training averages, time, validation; best weights; TensorBoard
-        record = {"epoch": progress.epoch, **record}
-        record.update({f"train_{k}": dist.sum_(v).item() / seen for k, v in progress.sums.items()})   # syncs
-        record["epoch_s"] = time.perf_counter() - started
-        for k, v in record.items():
-            if k.startswith("train_") and not math.isfinite(v):
-                raise ConfigError(f"stage {name}, epoch {progress.epoch}: the {k[6:]} loss is {v}; the last good "
-                                  "checkpoint is kept; lower the LR (recipe.student.lr / recipe.teacher.lr) "
-                                  "or check the teacher checkpoint")
-        if stage.kind != "hint":
-            record["train_acc"] = dist.sum_(torch.as_tensor(progress.correct, device=run.device)).item() / seen
-        if valid is not None:
-            record.update({f"valid_{k}": v for k, v in evaluate_stage(cfg, s, stage, valid, valid_cache).items()})
-            score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
-            if score < progress.best["score"]:
-                progress.best = {"score": score, "epoch": progress.epoch, "state": snapshot_weights(modules)}
-        progress.history.append(record)
-        for k, v in record.items():
-            if k != "epoch":
-                run.tb.add_scalar(f"{name}/{k.replace('_', '/', 1)}", v, progress.step)
-        run.tb.add_scalar("stage", progress.stages_started, progress.step)   # steps up at each stage boundary
-        progress.step += 1
-
+        record = close_epoch(run, s, stage, name, modules, record, started, min(per_epoch * optim.batch_size,
+                             len(train)), valid, valid_cache, progress)
         status = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("train_", "valid_")))
         status += f" {record['images_s']:.0f} img/s, data wait {record['data_wait']:.0%}"
         bars.update(stage_task, advance=1, status=status)
@@ -146,15 +112,67 @@ def train_stage(run: Run, s: Session, stage: Stage, train, valid, max_epochs: in
             break
         if progress.epoch < max_epochs:
             resume.save(run, s, progress)
+    bars.remove_task(batch_task)
+    bars.remove_task(stage_task)
+    return close_stage(run, s, stage, name, modules, valid, progress)
 
-    # The last epoch's test score, taken before the best epoch's weights come back.
+
+def batches_per_epoch(n: int, optim: Optim, name: str) -> int:
+    """How many steps an epoch of n training images takes; none is refused in one line."""
+    per_epoch = n // optim.batch_size if optim.drop_last else math.ceil(n / optim.batch_size)
+    if per_epoch == 0:
+        raise ConfigError(f"stage {name}: drop_last=true with batch_size {optim.batch_size} leaves no batch of "
+                          f"the {n} training images; lower the batch size or set drop_last=false")
+    return per_epoch
+
+
+def open_stage(run: Run, s: Session, stage: Stage, modules, progress: Progress, name: str) -> None:
+    """The stage's optimiser over the modules it trains: fresh where the stage starts, else the stopped run's."""
+    s.optimizer = make_optimizer(modules, list(s.regressors.values()), run.optim)
+    if progress.optimizer is None:
+        progress.start_stage(run.device)
+        progress.stages_started += 1
+        run.tb.add_text("stages", f"stage {name} starts at epoch {progress.step}", progress.step)
+    else:   # continuing a stopped run inside this stage
+        s.optimizer.load_state_dict(progress.optimizer)
+        progress.optimizer = None
+
+
+def close_epoch(run: Run, s: Session, stage: Stage, name: str, modules, record: dict, started: float, seen: int,
+                valid, valid_cache, progress: Progress) -> dict:
+    """The epoch's record: training averages over the `seen` images, time and validation; the best weights so
+    far kept; TensorBoard written. A loss that is no longer finite stops the run in one line."""
+    record = {"epoch": progress.epoch, **record}
+    record.update({f"train_{k}": dist.sum_(v).item() / seen for k, v in progress.sums.items()})   # syncs
+    record["epoch_s"] = time.perf_counter() - started
+    for k, v in record.items():
+        if k.startswith("train_") and not math.isfinite(v):
+            raise ConfigError(f"stage {name}, epoch {progress.epoch}: the {k[6:]} loss is {v}; the last good "
+                              "checkpoint is kept; lower the LR (recipe.student.lr / recipe.teacher.lr) "
+                              "or check the teacher checkpoint")
+    if stage.kind != "hint":
+        record["train_acc"] = dist.sum_(torch.as_tensor(progress.correct, device=run.device)).item() / seen
+    if valid is not None:
+        record.update({f"valid_{k}": v for k, v in evaluate_stage(run.cfg, s, stage, valid, valid_cache).items()})
+        score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
+        if score < progress.best["score"]:
+            progress.best = {"score": score, "epoch": progress.epoch, "state": snapshot_weights(modules)}
+    progress.history.append(record)
+    for k, v in record.items():
+        if k != "epoch":
+            run.tb.add_scalar(f"{name}/{k.replace('_', '/', 1)}", v, progress.step)
+    run.tb.add_scalar("stage", progress.stages_started, progress.step)   # steps up at each stage boundary
+    progress.step += 1
+    return record
+
+
+def close_stage(run: Run, s: Session, stage: Stage, name: str, modules, valid, progress: Progress) -> dict:
+    """The stage's result: the last epoch's test score, taken before the best epoch's weights come back."""
     test = run.data.test
-    test_last = evaluate(s.student, test, cfg.eval_batch_size) if test is not None and stage.kind != "hint" else None
+    test_last = evaluate(s.net, test, run.cfg.eval_batch_size) if test is not None and stage.kind != "hint" else None
     best = progress.best
     if best["state"] is not None:
         restore_weights(modules, best["state"])
-    bars.remove_task(batch_task)
-    bars.remove_task(stage_task)
     s.optimizer = None
     console.print(f"[bold]{name}[/]: {len(progress.history)} epochs" +
                   (f", best validation {'hint loss' if stage.kind == 'hint' else 'error'} "
@@ -253,20 +271,9 @@ def make_optimizer(modules: list[nn.Module], regressors, optim: Optim):
 
 
 def set_hyper(opt, optim: Optim, epoch: int, update: int) -> float:
-    """Apply the LR (scaled to the batch; linear or cosine decay, steps and warm-up by epoch, exponential decay by
-    update) and the momentum ramp at this update of the stage; return the base LR."""
-    ramp = lambda saturate: min(epoch / saturate, 1.0) if saturate > 0 else 0.0
-    lr = optim.lr * (1 - (1 - optim.lr_decay_factor) * ramp(optim.lr_decay_saturate))
-    if optim.lr_batch:   # the linear scaling rule: the LR is given for lr_batch images
-        lr *= optim.batch_size / optim.lr_batch
-    lr *= optim.lr_step_factor ** sum(epoch >= step for step in optim.lr_steps)
-    if optim.lr_cosine:
-        lr = optim.lr_min + (lr - optim.lr_min) * (1 + math.cos(math.pi * epoch / optim.max_epochs)) / 2
-    if epoch < optim.warmup_epochs:
-        lr *= (epoch + 1) / (optim.warmup_epochs + 1)
-    if optim.lr_exp_decay != 1:
-        lr = max(lr / optim.lr_exp_decay ** update, optim.lr_min)
-    momentum = optim.momentum + (optim.momentum_final - optim.momentum) * ramp(optim.momentum_saturate)
+    """Set the optimiser's LR and momentum for this update of the stage (schedules.lr_at, momentum_at); return
+    the base LR."""
+    lr, momentum = lr_at(optim, epoch, update), momentum_at(optim, epoch)
     for group in opt.param_groups:
         group["lr"] = lr * group["lr_scale"]
         if optim.optimizer == "sgd":

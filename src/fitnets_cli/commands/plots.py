@@ -4,7 +4,7 @@ from pathlib import Path
 
 import matplotlib
 
-from fitnets_cli.checkpoint import atomic_write
+from fitnets_cli.runtime.files import atomic_write
 
 matplotlib.use("Agg")   # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402

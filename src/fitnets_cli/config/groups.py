@@ -1,5 +1,5 @@
 """The typed schemas of the config groups (networks, datasets, data, recipes, hints, schedules), which the
-commands' root schemas (commands.py) share. Hydra merges the YAML in conf/ into them, so an unknown key or a
+commands' root schemas (config/commands.py) share. Hydra merges the YAML in conf/ into them, so an unknown key or a
 wrong type fails at composition; `__post_init__` checks (run by `commands.to_config`) catch bad values."""
 
 from dataclasses import dataclass, field
@@ -7,18 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-
-class ConfigError(ValueError):
-    """Bad user input: reported as one line, without a traceback."""
-
-
-def require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def one_of(value: str, choices, key: str) -> None:
-    require(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
+from fitnets_cli.config.errors import one_of, require
 
 
 @dataclass
@@ -139,6 +128,9 @@ class Dataset:
     family: str = MISSING               # picks the teacher variant: mnist | cifar | svhn
     num_classes: Optional[int] = None   # None (image files): from the data
     in_shape: Optional[List[int]] = None   # C, H, W; None (image files): from the data
+    # Tensor datasets: every batch resized on the device, bilinear, to this side (in_shape becomes C, resize,
+    # resize; augment.pad pads the resized images); None: the images' own size. Image files: dataset.images.size.
+    resize: Optional[int] = None
     # Training images held out for validation; image files also take a fraction of them (0 < valid_size < 1).
     valid_size: Any = MISSING
     preprocess: str = "scale"           # scale | gcn_zca | gcn_lcn
@@ -163,6 +155,11 @@ class Dataset:
                  "dataset.preprocess applies to mnist, cifar and svhn; image files take dataset.images.mean/std")
         require(not self.augment.resized_crop or self.images is not None,
                  "dataset.augment.resized_crop applies to image files; use augment.pad for tensor datasets")
+        require(self.resize is None or self.images is None,
+                 "dataset.resize applies to mnist, cifar and svhn tensors; size image files with dataset.images.size")
+        require(self.resize is None or self.resize > 0, f"dataset.resize must be > 0 (or null), got {self.resize}")
+        if self.resize is not None and self.in_shape is not None:   # idempotent: a saved config is read again
+            self.in_shape = [self.in_shape[0], self.resize, self.resize]
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from fitnets_cli.config import ConfigError
+from fitnets_cli.config.errors import ConfigError
 
 
 def world() -> int:

@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -16,38 +15,27 @@ from omegaconf import OmegaConf
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
-from fitnets_cli import dist, resume
-from fitnets_cli.checkpoint import save_model, write_json, write_text
-from fitnets_cli.commands import SCHEMAS, TeacherConfig
-from fitnets_cli.config import ConfigError
-from fitnets_cli.evaluate import evaluate
-from fitnets_cli.networks import count, network_of
-from fitnets_cli.stages import Session
-from fitnets_cli.ui import console
+from fitnets_cli.runtime import dist
+from fitnets_cli.training import resume
+from fitnets_cli.networks.checkpoint import save_model
+from fitnets_cli.runtime.files import write_json, write_text
+from fitnets_cli.config.commands import SCHEMAS, TrainingConfig
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.training.evaluate import evaluate
+from fitnets_cli.networks.build import count
+from fitnets_cli.training.stages import Session
+from fitnets_cli.runtime.ui import console
 
 
 class AlreadyFinished(Exception):
     """resume= named a finished run: nothing to do."""
 
 
-def network_lrs(cfg: TeacherConfig) -> TeacherConfig:
-    """The config with the LR that recipe.lr_by_network gives the teacher or the student it names."""
-    lrs = cfg.recipe.lr_by_network
-    for role in ("teacher", "student"):
-        net = getattr(cfg, role, None)   # train-teacher has no student
-        if net is not None and net.name in lrs:
-            optim = replace(getattr(cfg.recipe, role), lr=lrs[net.name])
-            cfg = replace(cfg, recipe=replace(cfg.recipe, **{role: optim}))
-    return cfg
-
-
-def prepare(cfg: TeacherConfig, run_dir: Path | None,
-            continues: bool = False) -> tuple[TeacherConfig, Path, dict | None]:
+def prepare(cfg: TrainingConfig, run_dir: Path | None,
+            continues: bool = False) -> tuple[TrainingConfig, Path, dict | None]:
     """The run's config, directory and resumable state: with resume=DIR, the saved config and state of DIR;
     else a new run in run_dir, or, `continues`, an auto-trained teacher's, which goes on where its student's
-    run stopped. The LRs of recipe.lr_by_network are applied here, so that the run's saved config shows what
-    trained."""
-    cfg = network_lrs(cfg)
+    run stopped."""
     if cfg.resume:
         run_dir = Path(cfg.resume)
         saved = run_dir / "config_resolved.yaml"
@@ -75,7 +63,7 @@ def prepare(cfg: TeacherConfig, run_dir: Path | None,
     return cfg, run_dir, state
 
 
-def provenance(cfg: TeacherConfig, teacher_file: Path | None = None) -> dict:
+def provenance(cfg: TrainingConfig, teacher_file: Path | None = None) -> dict:
     """What made a model: package versions, the code's git commit, the teacher file's hash, the split seed."""
     here = Path(__file__).resolve().parent
     try:
@@ -104,10 +92,10 @@ def finish(run, s: Session, result: dict, role: str, name: str, started: float, 
            store: Path | None = None) -> dict:
     """Test the final model, save it, write metrics.json (last: it marks the run finished) and TensorBoard
     hparams, and print the summary; return the metrics."""
-    cfg, data, run_dir, net = run.cfg, run.data, run.dir, s.student
+    cfg, data, run_dir, net = run.cfg, run.data, run.dir, s.net
     test = evaluate(net, data.test, cfg.eval_batch_size)
     last_stage = (result.get("retrain") or result["stages"])[-1]
-    sizes = count(network_of(net.build_spec), net.in_shape, net.num_classes, cfg.counting)
+    sizes = count(net, cfg.counting)
     metrics = {
         "command": cfg.command, "role": role, "model": name, "dataset": cfg.dataset.name,
         "teacher": cfg.teacher.name if cfg.teacher else None,
@@ -156,3 +144,12 @@ def tensorboard(run_dir: Path, state: dict | None) -> SummaryWriter:
     if not dist.is_main():
         return Unlogged()
     return SummaryWriter(run_dir / "tb", purge_step=state["progress"]["step"] if state else None)
+
+
+def holds(run_dir: Path) -> str | None:
+    """What an output directory already holds that must not be trained over, if anything."""
+    if (run_dir / "metrics.json").exists():
+        return "a finished run, which is never overwritten"
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return "an interrupted run"
+    return None

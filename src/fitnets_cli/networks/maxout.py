@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitnets_cli.config import ConfigError, Layer
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.config.groups import Layer
 
 
 class Maxout(torch.autograd.Function):

@@ -1,6 +1,8 @@
 """The CIFAR networks of the CRD distillation benchmark (Tian et al., ICLR 2020), as plain nn.Modules reached
-through the network seam like any other module: `teacher=zoo teacher.arch=NAME`, `student=zoo student.arch=NAME`
-(NETWORKS below lists the names).
+through the network seam like any other module: `teacher=NAME`, `student=NAME` (or the long form
+`teacher=zoo teacher.arch=NAME`, `student=zoo student.arch=NAME`). Each network is named once, where it is
+defined: `@network` enters it in NETWORKS and stores its name as an option of the `student` and `teacher` config
+groups (Hydra's ConfigStore), which composition sees once this module is imported.
 
 Written after the benchmark's reference code, HobbitLong/RepDistiller models/ (also used by mdistiller), with
 the same layers, parameter counts, initialisation and state_dict keys, so that its published checkpoints load
@@ -13,11 +15,25 @@ network's default hint and guided tap.
 """
 
 from collections import OrderedDict
-from functools import partial
 
 import torch
 import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
 from torch import nn
+
+# The networks `source: zoo` builds, by the names the benchmark gives them: name -> builder(num_classes=100,
+# in_channels=3), filled by @network.
+NETWORKS = {}
+
+
+def network(make):
+    """Enter a builder (a function or class taking num_classes and in_channels) in NETWORKS under its own name,
+    and offer that name as a config option: `student=NAME` and `teacher=NAME` are `source: zoo, arch: NAME`."""
+    name = make.__name__
+    NETWORKS[name] = make
+    for group in ("student", "teacher"):
+        ConfigStore.instance().store(group=group, name=name, node={"source": "zoo", "arch": name})
+    return make
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -129,14 +145,37 @@ def resnet(depth: int, widths, num_classes: int = 100, in_channels: int = 3) -> 
     return ResNet(BasicBlock, widths, [(depth - 2) // 6] * 3, num_classes, in_channels)
 
 
-resnet20 = partial(resnet, 20, (16, 16, 32, 64))
-resnet32 = partial(resnet, 32, (16, 16, 32, 64))
-resnet56 = partial(resnet, 56, (16, 16, 32, 64))
-resnet110 = partial(resnet, 110, (16, 16, 32, 64))
-resnet8x4 = partial(resnet, 8, (32, 64, 128, 256))
-resnet32x4 = partial(resnet, 32, (32, 64, 128, 256))
+@network
+def resnet20(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return resnet(20, (16, 16, 32, 64), num_classes, in_channels)
 
 
+@network
+def resnet32(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return resnet(32, (16, 16, 32, 64), num_classes, in_channels)
+
+
+@network
+def resnet56(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return resnet(56, (16, 16, 32, 64), num_classes, in_channels)
+
+
+@network
+def resnet110(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return resnet(110, (16, 16, 32, 64), num_classes, in_channels)
+
+
+@network
+def resnet8x4(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return resnet(8, (32, 64, 128, 256), num_classes, in_channels)
+
+
+@network
+def resnet32x4(num_classes: int = 100, in_channels: int = 3) -> ResNet:
+    return resnet(32, (32, 64, 128, 256), num_classes, in_channels)
+
+
+@network
 def ResNet50(num_classes: int = 100, in_channels: int = 3) -> ResNet:   # named as the benchmark names it
     """The benchmark's CIFAR ResNet50 (resnetv2.py): ImageNet's bottleneck stages on a 3x3 stride-1 stem."""
     return ResNet(Bottleneck, (64, 64, 128, 256, 512), (3, 4, 6, 3), num_classes, in_channels, head="linear")
@@ -184,9 +223,19 @@ class WideResNet(nn.Module):
         return self.fc(pool(F.relu(self.bn1(x))))
 
 
-wrn_16_2 = partial(WideResNet, 16, 2)
-wrn_40_1 = partial(WideResNet, 40, 1)
-wrn_40_2 = partial(WideResNet, 40, 2)
+@network
+def wrn_16_2(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
+    return WideResNet(16, 2, num_classes, in_channels)
+
+
+@network
+def wrn_40_1(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
+    return WideResNet(40, 1, num_classes, in_channels)
+
+
+@network
+def wrn_40_2(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
+    return WideResNet(40, 2, num_classes, in_channels)
 
 
 # ---------------------------------------------------------------- VGG with batch norm (vgg.py)
@@ -218,8 +267,14 @@ class VGG(nn.Module):
         return self.classifier(pool(x))
 
 
-vgg8 = partial(VGG, [[64], [128], [256], [512], [512]])
-vgg13 = partial(VGG, [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]])
+@network
+def vgg8(num_classes: int = 100, in_channels: int = 3) -> VGG:
+    return VGG([[64], [128], [256], [512], [512]], num_classes, in_channels)
+
+
+@network
+def vgg13(num_classes: int = 100, in_channels: int = 3) -> VGG:
+    return VGG([[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]], num_classes, in_channels)
 
 
 # ---------------------------------------------------------------- MobileNetV2, half width (mobilenetv2.py)
@@ -238,6 +293,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
+@network
 class MobileNetV2(nn.Module):
     """MobileNetV2 as the benchmark uses it: expansion 6, width 0.5, a stride-2 stem, seven stages `blocks.0`..
     `blocks.6`, a 1x1 conv to 1280 channels, pooling and a linear classifier."""
@@ -292,6 +348,7 @@ class ShuffleUnit(nn.Module):
         return F.relu(out + x)
 
 
+@network
 class ShuffleV1(nn.Module):
     """ShuffleNet V1 (the benchmark's name): a 1x1 stem to 24 channels, stages `layer1`..`layer3` of (4, 8, 4)
     units at (240, 480, 960) channels in 3 groups, each starting at stride 2 (the very first unit's 1x1 conv
@@ -350,6 +407,7 @@ class DownUnit(nn.Module):
         return shuffle(torch.cat([left, F.relu(self.bn5(self.conv5(right)))], 1), 2)
 
 
+@network
 class ShuffleV2(nn.Module):
     """ShuffleNet V2 (the benchmark's name), width 1: a 1x1 stem to 24 channels, stages `layer1`..`layer3` (a
     stride-2 unit, then 3, 7, 3 units at 116, 232, 464 channels), a 1x1 conv to 1024 channels, pooling and a
@@ -371,10 +429,3 @@ class ShuffleV2(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.linear(pool(F.relu(self.bn2(self.conv2(x)))))
-
-
-# The networks `source: zoo` builds, by the names the benchmark gives them.
-NETWORKS = {"resnet20": resnet20, "resnet32": resnet32, "resnet56": resnet56, "resnet110": resnet110,
-            "resnet8x4": resnet8x4, "resnet32x4": resnet32x4, "ResNet50": ResNet50, "wrn_16_2": wrn_16_2,
-            "wrn_40_1": wrn_40_1, "wrn_40_2": wrn_40_2, "vgg8": vgg8, "vgg13": vgg13, "MobileNetV2": MobileNetV2,
-            "ShuffleV1": ShuffleV1, "ShuffleV2": ShuffleV2}

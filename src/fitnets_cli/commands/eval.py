@@ -1,33 +1,14 @@
-"""Scoring a network on a split, and `fitnets eval`: test accuracy and loss of any saved teacher or student."""
+"""`fitnets eval`: test accuracy and loss of any saved teacher or student."""
 
-import torch
-import torch.nn.functional as F
 from rich.table import Table
 
-from fitnets_cli import dist
-from fitnets_cli.checkpoint import load_model, saved_dataset
-from fitnets_cli.commands import EvalConfig
-from fitnets_cli.config import ConfigError
-from fitnets_cli.data import load_data
-from fitnets_cli.ui import console
-
-
-@torch.no_grad()
-def evaluate(net, split, batch_size: int = 1000) -> dict:
-    """Cross-entropy, accuracy and error of `net` on a split (data.Resident or streaming.Streamed), in eval mode."""
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    for x, y, _, _ in split.batches(batch_size):
-        logits = net(x)
-        loss += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    net.train(was_training)
-    loss, correct = dist.sum_(loss), dist.sum_(correct)
-    acc = correct.item() / len(split)
-    return {"loss": loss.item() / len(split), "acc": acc, "error": 1 - acc}
+from fitnets_cli.config.commands import EvalConfig
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.data.load import load_data
+from fitnets_cli.networks.checkpoint import load_model, saved_dataset
+from fitnets_cli.runtime import dist
+from fitnets_cli.runtime.ui import console
+from fitnets_cli.training.evaluate import evaluate
 
 
 def eval_command(cfg: EvalConfig) -> dict:

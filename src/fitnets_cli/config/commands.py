@@ -1,14 +1,18 @@
-"""One config schema per command (SCHEMAS), on the group schemas of config.py: a key of another command, or
+"""One config schema per command (SCHEMAS), on the group schemas of groups.py: a key of another command, or
 of none, fails at composition with a message naming the command that owns it."""
 
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fitnets_cli.config import (ConfigError, Data, Dataset, Hints, Recipe, Schedule, Speed, Student, Teacher, one_of,
-                                require)
+from fitnets_cli.config.errors import ConfigError, one_line, one_of, require
+from fitnets_cli.config.groups import Data, Dataset, Hints, Recipe, Schedule, Speed, Student, Teacher
+
+
+DEVICES = ("auto", "cpu", "cuda")   # auto: the GPU when there is one
 
 
 @dataclass
@@ -16,15 +20,17 @@ class Common:
     """The keys of every command (conf/common.yaml)."""
     command: str = MISSING
     data: Data = field(default_factory=Data)
-    device: str = "auto"                # auto | cpu | cuda
 
     def __post_init__(self):
-        one_of(self.device, ("auto", "cpu", "cuda"), "device")
+        if hasattr(self, "device"):   # the commands that run networks on a device (not layers, not export)
+            one_of(self.device, DEVICES, "device")
 
 
 @dataclass
-class TeacherConfig(Common):
-    """`fitnets train-teacher` (conf/train_teacher.yaml); the training keys come from conf/training.yaml."""
+class TrainingConfig(Common):
+    """The keys of both training commands (conf/training.yaml), which are all of `fitnets train-teacher`'s
+    (conf/train_teacher.yaml); `fitnets train` adds the student's."""
+    device: str = "auto"
     dataset: Dataset = MISSING
     teacher: Teacher = MISSING
     recipe: Recipe = MISSING
@@ -53,7 +59,7 @@ class TeacherConfig(Common):
 
 
 @dataclass
-class TrainConfig(TeacherConfig):
+class TrainConfig(TrainingConfig):
     """`fitnets train` (conf/train.yaml): what train-teacher takes (it may train the teacher first), and the
     student, its hints and its schedule."""
     student: Student = MISSING
@@ -68,6 +74,7 @@ class TrainConfig(TeacherConfig):
 class EvalConfig(Common):
     """`fitnets eval` (conf/eval.yaml)."""
     checkpoint: Optional[str] = None    # the model to evaluate
+    device: str = "auto"
     dataset: Optional[Dataset] = None   # None: the dataset it was trained on
     eval_batch_size: int = 1000
 
@@ -79,6 +86,7 @@ class EvalConfig(Common):
 @dataclass
 class CompareConfig(Common):
     """`fitnets compare` (conf/compare.yaml)."""
+    device: str = "auto"                # where latencies are measured
     dataset: Dataset = MISSING
     teacher: Teacher = MISSING
     students: List[str] = field(default_factory=list)   # student configs; [] with no runs: dataset.students
@@ -127,7 +135,10 @@ class LayersConfig(Common):
     hints: Hints = MISSING
 
 
-SCHEMAS = {"train": TrainConfig, "train-teacher": TeacherConfig, "eval": EvalConfig, "compare": CompareConfig,
+# command -> its primary config in conf/
+CONFIGS = {"train": "train", "train-teacher": "train_teacher", "eval": "eval", "compare": "compare", "layers": "layers",
+           "export": "export"}
+SCHEMAS = {"train": TrainConfig, "train-teacher": TrainingConfig, "eval": EvalConfig, "compare": CompareConfig,
            "layers": LayersConfig, "export": ExportConfig}
 for schema in SCHEMAS.values():   # each primary config in conf/ lists its schema first, by class name
     ConfigStore.instance().store(name=schema.__name__, node=schema)
@@ -159,4 +170,34 @@ def to_config(cfg: DictConfig) -> Common:
     if unknown:
         raise ConfigError(f"`fitnets {cfg.command}` has no key {unknown[0]}" + (elsewhere(unknown[0], cfg.command)
                           or f"; see its keys with `fitnets {cfg.command} --cfg job`"))
-    return OmegaConf.to_object(cfg)
+    return network_lrs(OmegaConf.to_object(cfg))
+
+
+def network_lrs(cfg: Common) -> Common:
+    """The config with the LR that recipe.lr_by_network gives the teacher or the student it names (applied at
+    composition, so that a run's saved config shows what trained)."""
+    if getattr(cfg, "recipe", None) is None:
+        return cfg
+    lrs = cfg.recipe.lr_by_network
+    for role in ("teacher", "student"):
+        net = getattr(cfg, role, None)   # train-teacher has no student
+        if net is not None and net.name in lrs:
+            optim = replace(getattr(cfg.recipe, role), lr=lrs[net.name])
+            cfg = replace(cfg, recipe=replace(cfg.recipe, **{role: optim}))
+    return cfg
+
+
+def explained(err: Exception, command: str) -> str:
+    """A composition error in one line, with the fix where fitnets knows it (the command that owns a key, the
+    extra that brings Hydra's launchers or the Optuna sweeper, the datasets that teacher=maxout has)."""
+    line = one_line(err)
+    hint = ("; Hydra's launcher plugins come with `pip install '.[cluster]'`, run in the root of the fitnets clone"
+            if "hydra/launcher" in line else "; the Optuna sweeper comes with `pip install '.[optuna]'`, run in the "
+            "root of the fitnets clone" if "hydra/sweeper" in line else "")
+    if "Interpolation key 'variants." in line:
+        hint = ("; teacher=maxout has variants for dataset.family mnist, cifar and svhn only: set "
+                "dataset.family to one of them, or use teacher=torchvision or teacher=module")
+    refused = re.search(r"Could not override '(\w+)[.'].*(?:not in '\w+Config'|No match in the defaults list)", line)
+    if refused:
+        hint = elsewhere(refused[1], command)
+    return line.rstrip(".") + hint if hint else line

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from fitnets_cli import dist
-from fitnets_cli.checkpoint import DiskFull, atomic_write
-from fitnets_cli.config import ConfigError
-from fitnets_cli.stages import Session
+from fitnets_cli.runtime import dist
+from fitnets_cli.runtime.files import DiskFull, atomic_write
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.training.stages import Session
 
 FORMAT = "fitnets-resume-3"   # 3: one Progress record; 2: best weights kept per trained module
 
@@ -65,7 +65,7 @@ def save(run, s: Session, progress: Progress, mid_epoch: bool = False) -> None:
     saved = replace(progress, sums=sums, correct=correct,
                     optimizer=s.optimizer.state_dict() if s.optimizer is not None else None)
     state = {"format": FORMAT, "progress": {f.name: getattr(saved, f.name) for f in fields(saved)},
-             "student": s.student.state_dict(),
+             "student": s.net.state_dict(),   # (the trained network's key, whichever role it has)
              "regressors": s.regressors.state_dict(), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     atomic_write(run.dir / "checkpoints" / "last.pt", lambda tmp: torch.save(state, tmp))
@@ -90,7 +90,7 @@ def load(run_dir: Path) -> dict | None:
 
 def restore(s: Session, state: dict) -> Progress:
     """Put a freshly built session's weights and the RNG back where `state` was saved; return its progress."""
-    s.student.load_state_dict(state["student"])
+    s.net.load_state_dict(state["student"])
     s.regressors.load_state_dict(state["regressors"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"]:

@@ -34,10 +34,11 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fitnets_cli import zoo
-from fitnets_cli.config import ConfigError, Layer, Network
-from fitnets_cli.models import build_net, paper_specs
-from fitnets_cli.taps import Hooked, Tapped, Untraceable
+from fitnets_cli.networks import zoo
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.config.groups import Layer, Network
+from fitnets_cli.networks.maxout import build_net, paper_specs
+from fitnets_cli.networks.taps import Hooked, Tapped, Untraceable
 
 
 def build_network(spec: Network, in_shape, num_classes: int, init_range: float = 0.005, dropout_input: float = 0.0,
@@ -233,18 +234,24 @@ def constraints(modules: list[nn.Module]) -> list[nn.Module]:
     return [m for top in modules for m in top.modules() if callable(getattr(m, "constrain", None))]
 
 
-def count(spec: Network, in_shape, num_classes: int, counting: str = "actual") -> dict:
-    """Weight layers (conv and linear), parameters, multiplications and FLOPs of one image's forward pass.
+def count(net: nn.Module, counting: str = "actual") -> dict:
+    """Weight layers (conv and linear), parameters, multiplications and FLOPs of a built network's forward pass
+    on one image.
 
     FLOPs come from torch.utils.flop_counter (2 x multiply-adds; max, pooling and adds are not counted).
-    counting='paper' counts as the paper did (spec 2.8): weights only, and FC maxout layers as 2 pieces.
+    counting='paper' counts as the paper did (spec 2.8): weights only, and FC maxout layers as 2 pieces (counted
+    on a maxout network built with those pieces).
     """
-    if counting == "paper" and spec.layers:
-        spec = replace(spec, layers=paper_specs(spec.layers))
-    net = build_network(replace(spec, weights=None), in_shape, num_classes).eval()
+    if counting == "paper" and net.build_spec["layers"]:
+        spec = network_of(net.build_spec)
+        net = build_network(replace(spec, layers=paper_specs(spec.layers)), net.in_shape, net.num_classes)
     params = sum(p.numel() for n, p in net.named_parameters() if counting == "actual" or n.endswith("weight"))
     layers = sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) for m in net.modules())
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(torch.zeros(1, *in_shape))
+    was = net.training
+    x = torch.zeros(1, *net.in_shape, device=next(net.parameters()).device)
+    # Eagerly, even where the network was compiled: the counter sees the operations, not a compiled graph.
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        net.eval()(x)
+    net.train(was)
     flops = counter.get_total_flops()
     return {"layers": layers, "params": params, "mults": flops // 2, "flops": flops}

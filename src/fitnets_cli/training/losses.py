@@ -35,13 +35,3 @@ def kd_loss(student_logits, teacher_logits, labels, tau: float, lam: float, form
     else:
         soft = -(F.softmax(teacher_logits / tau, 1) * log_ps).sum(1).mean()
     return ce_weight * ce + lam * soft, ce, soft
-
-
-def lam_at(epoch: int, kd) -> float:
-    """lam for a (0-based) stage-2 epoch: lam_start until lam_start_epoch, then linear to lam_end."""
-    if epoch <= kd.lam_start_epoch:
-        return kd.lam_start
-    if epoch >= kd.lam_end_epoch:
-        return kd.lam_end
-    t = (epoch - kd.lam_start_epoch) / (kd.lam_end_epoch - kd.lam_start_epoch)
-    return kd.lam_start + (kd.lam_end - kd.lam_start) * t

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fitnets_cli.commands import Common
-from fitnets_cli.config import ConfigError, Data, Dataset
-from fitnets_cli.data import held_counts
-from fitnets_cli.ui import console
+from fitnets_cli.config.commands import Common
+from fitnets_cli.config.errors import ConfigError
+from fitnets_cli.config.groups import Data, Dataset
+from fitnets_cli.data.splits import held_counts
+from fitnets_cli.runtime.ui import console
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")   # torchvision's own list
 GREY = ("1", "L", "LA", "La", "I", "I;16", "F", "P;L")   # PIL modes read as one channel (alpha dropped)
@@ -65,13 +66,23 @@ class DatasetReader:
         return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
 
 
-_FOUND = {}   # one scan per process: the check before the run and the run itself share it
+_FOUND = {}   # the scans of this process: the check before a run and the run itself share one
+
+
+def stamp(root: Path) -> tuple:
+    """When the entries of the split folders and their class folders last changed (stat calls only): a scan is
+    reused only while these stay the same."""
+    folders = [root / split for split in ("train", "val", "test") if (root / split).is_dir()]
+    folders += [d for f in folders for d in f.iterdir() if d.is_dir()]
+    return tuple((str(f), f.stat().st_mtime_ns) for f in folders)
 
 
 def listing(dataset: Dataset, data: Data) -> Listing:
-    """The dataset's files, scanned once per process; bad input raises ConfigError naming the file or folder."""
+    """The dataset's files, scanned once per process and again when a folder's entries change; bad input raises
+    ConfigError naming the file or folder."""
     images = dataset.images
-    key = (images.reader, str(data.root), images.cls, repr(images.kwargs), images.size, images.channels)
+    key = (images.reader, str(data.root), images.cls, repr(images.kwargs), images.size, images.channels,
+           stamp(Path(data.root)) if images.reader == "folder" and Path(data.root).is_dir() else ())
     if key not in _FOUND:
         root = Path(data.root)
         if images.reader == "torchvision":

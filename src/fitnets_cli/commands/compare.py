@@ -9,21 +9,26 @@ import platform
 import statistics
 import time
 from dataclasses import replace
-from importlib import resources
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.table import Table
 
-from fitnets_cli import zoo
-from fitnets_cli.benchmark import benchmark_view
-from fitnets_cli.checkpoint import load_payload, write_text
-from fitnets_cli.commands import CompareConfig
-from fitnets_cli.config import ConfigError, Student
-from fitnets_cli.dist import pick_device
-from fitnets_cli.networks import build_network, count, network_of
-from fitnets_cli.ui import console, errors
+from fitnets_cli.networks import zoo
+from fitnets_cli.commands.benchmark import benchmark_view
+from fitnets_cli.networks.checkpoint import load_payload
+from fitnets_cli.runtime.files import write_text
+from fitnets_cli.config.commands import CompareConfig, to_config
+from fitnets_cli.config.errors import ConfigError, one_line
+from fitnets_cli.config.groups import Student
+from fitnets_cli.runtime.dist import pick_device
+from fitnets_cli.networks.build import build_network, count, network_of
+from fitnets_cli.runtime.ui import console, errors
 
 # key -> column header. Accuracies are in percent; gaps are percentage points.
 COLUMNS = {
@@ -46,16 +51,26 @@ NOT_TEACHER_IDENTITY = ("student", "hints", "schedule", "recipe.student", "recip
 
 
 def load_student(name: str) -> Student:
-    """A student config from the packaged conf/student group by option name, or a network of the zoo by name."""
-    if name in zoo.NETWORKS:
-        return Student(source="zoo", arch=name)
-    group = resources.files("fitnets_cli.conf").joinpath("student")
-    path = group.joinpath(f"{name}.yaml")
-    if not path.is_file():
-        options = sorted(p.name[:-5] for p in group.iterdir() if p.name.endswith(".yaml"))
-        raise ConfigError(f"students: no student config {name!r}; options are {', '.join(options)} "
+    """The student that `fitnets train student=NAME` trains: the `student` group's option NAME (a conf/student/
+    file, or a network of the zoo, which zoo.py stores as an option), composed by Hydra as `train` composes it.
+    Inside `fitnets compare` (a Hydra app) Hydra is initialised; from Python it is initialised for the call."""
+    if GlobalHydra.instance().is_initialized():
+        return compose_student(name)
+    with initialize_config_module("fitnets_cli.conf", version_base="1.3"):
+        return compose_student(name)
+
+
+def compose_student(name: str) -> Student:
+    """load_student's work, with Hydra initialised: an unknown name is a one-line error listing the options."""
+    options = GlobalHydra.instance().config_loader().get_group_options("student")
+    if name not in options:
+        files = [o for o in options if o not in zoo.NETWORKS]
+        raise ConfigError(f"students: no student config {name!r}; options are {', '.join(files)} "
                           f"and the zoo's networks ({', '.join(zoo.NETWORKS)})")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Student), OmegaConf.load(path.open())))
+    try:
+        return to_config(compose("layers", overrides=[f"student={name}"])).student
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"students: {name}: {one_line(err)}") from None
 
 
 def find_runs(patterns: list[str]) -> list[Path]:
@@ -115,7 +130,7 @@ def group_row(group: list[dict], counting: str) -> dict:
     student = m["role"] == "student"
     return {"model": m["model"], "role": m["role"], "teacher": m.get("teacher") if student else None,
             "schedule": m["schedule"] if student else "", "dataset": m["dataset"], "seeds": len(group),
-            **count(network, arch["in_shape"], arch["num_classes"], counting),
+            **count(build_network(network, arch["in_shape"], arch["num_classes"]), counting),
             "arch": (network, arch["in_shape"], arch["num_classes"]),
             "test_acc": acc[0], "test_acc_std": acc[1], "test_acc_last": last[0], "test_acc_last_std": last[1],
             "runs": [str(r["dir"]) for r in group], "identity": _identity(group[0])}
@@ -143,7 +158,8 @@ def arch_rows(cfg: CompareConfig) -> list[dict]:
               "network": load_student(name)} for name in cfg.students or cfg.dataset.students]
     for r in rows:
         network = r.pop("network")
-        r.update(count(network, shape, classes, cfg.counting), arch=(network, shape, classes))
+        r.update(count(build_network(replace(network, weights=None), shape, classes), cfg.counting),
+                 arch=(network, shape, classes))
     return rows
 
 
@@ -297,7 +313,7 @@ def compare_command(cfg: CompareConfig) -> list[dict]:
         table.add_row(*(_cell(r, c, cfg.metric) for c in columns))
     emit(table, None if cfg.format == "table" else render(rows, columns, cfg.format, note, cfg.metric), cfg)
     if cfg.plots:
-        from fitnets_cli.plots import plot_curves, plot_tradeoffs
+        from fitnets_cli.commands.plots import plot_curves, plot_tradeoffs
         written = plot_tradeoffs(rows, Path(cfg.plots))
         if cfg.runs:
             written.append(plot_curves(runs, Path(cfg.plots)))
