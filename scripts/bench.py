@@ -55,13 +55,13 @@ from torch.utils.tensorboard import SummaryWriter
 from fitnets_cli import api
 from fitnets_cli.data.load import load_data
 from fitnets_cli.data.splits import Resident
+from fitnets_cli.data.splits import Splits
+from fitnets_cli.networks.build import build_network
 from fitnets_cli.runtime.dist import pick_device
 from fitnets_cli.training.evaluate import evaluate
 from fitnets_cli.training.hints import make_regressors, plan_hints
-from fitnets_cli.training.losses import hint_loss, kd_loss
-from fitnets_cli.networks.build import build_network
-from fitnets_cli.data.splits import Splits
 from fitnets_cli.training.loop import Run, augmentation, make_optimizer, train_stage
+from fitnets_cli.training.losses import hint_loss, kd_loss
 from fitnets_cli.training.resume import Progress
 from fitnets_cli.training.stages import Session, Stage, autocast, make_stages, regress, trained_modules
 from fitnets_cli.training.train import maybe_compile

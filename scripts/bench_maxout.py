@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from fitnets_cli.networks import maxout as models
 from fitnets_cli.commands.compare import load_student
+from fitnets_cli.networks import maxout as models
 
 SHAPES = {"fitnet_mnist": (1, 28, 28), "fitnet4": (3, 32, 32)}
 

@@ -22,8 +22,8 @@ from fitnets_cli import cli
 import fitnets_cli.networks.zoo  # noqa: F401  (registers the zoo's networks as config options)
 from fitnets_cli.config.commands import to_config
 from fitnets_cli.data.splits import Resident, Splits
-from fitnets_cli.training.hints import make_regressors, plan_hints
 from fitnets_cli.networks.maxout import build_net
+from fitnets_cli.training.hints import make_regressors, plan_hints
 from fitnets_cli.training.loop import Run, train_stage
 from fitnets_cli.training.resume import Progress
 from fitnets_cli.training.stages import Session

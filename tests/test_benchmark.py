@@ -7,15 +7,15 @@ import re
 import pytest
 import torch
 
-from fitnets_cli.networks import zoo
 from fitnets_cli.commands.benchmark import PUBLISHED
+from fitnets_cli.config.commands import network_lrs
 from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import Network
 from fitnets_cli.data.load import load_data
-from fitnets_cli.training.hints import default_tap
+from fitnets_cli.networks import zoo
 from fitnets_cli.networks.build import build_network, count
+from fitnets_cli.training.hints import default_tap
 from fitnets_cli.training.loop import make_optimizer, set_hyper
-from fitnets_cli.config.commands import network_lrs
 
 from helpers import failure, main
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import failure, fitnets
+from helpers import failure, fitnets, main
 
 
 @pytest.mark.slow
@@ -25,6 +25,24 @@ def test_help_lists_the_commands_and_the_config_groups():
 def test_cfg_job_prints_the_composed_config():
     out = fitnets("train", "student=fitnet1", "--cfg", "job").stdout
     assert "name: fitnet1" in out and "guided: conv6" in out
+
+
+def test_cfg_job_composes_the_zoo_pair_by_its_short_names():
+    out = main("train", "student=resnet8x4", "teacher=resnet32x4", "dataset=mnist_subset", "--cfg", "job")
+    assert "arch: resnet8x4" in out and "arch: resnet32x4" in out and "source: zoo" in out
+
+
+@pytest.mark.parametrize("flags", [["--cfg", "job"], ["--cfg", "job", "--resolve"], ["--help"], []])
+def test_a_bad_option_stops_in_one_line_with_or_without_cfg(flags, tmp_path):
+    line = failure("train", "student=resnet9", *flags, f"hydra.run.dir={tmp_path / 'r'}")
+    assert "Could not find 'student/resnet9'" in line and "resnet8x4" in line   # the options, zoo's among them
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command,extra", [("export", ["checkpoint=x.pt"]), ("layers", [])])
+def test_device_is_refused_where_it_would_do_nothing(command, extra):
+    line = failure(command, "device=cuda", *extra)
+    assert "device" in line and "`fitnets train`" in line and "`fitnets eval`" in line
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fitnets_cli.training.hints import plan_hints
 from fitnets_cli.networks.build import build_network
+from fitnets_cli.training.hints import plan_hints
 
 from helpers import call, main, write_tiny_mnist
 

@@ -6,11 +6,11 @@ from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
-from fitnets_cli.networks import zoo
 from fitnets_cli.commands.compare import load_student
 from fitnets_cli.config.errors import ConfigError
-from fitnets_cli.training.hints import plan_hints
+from fitnets_cli.networks import zoo
 from fitnets_cli.networks.build import build_network
+from fitnets_cli.training.hints import plan_hints
 from helpers import failure
 
 

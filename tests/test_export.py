@@ -11,9 +11,9 @@ from torch import nn
 
 from fitnets_cli import api
 from fitnets_cli.commands import export
-from fitnets_cli.networks.checkpoint import save_model
 from fitnets_cli.data.load import load_data
 from fitnets_cli.networks.build import build_network
+from fitnets_cli.networks.checkpoint import save_model
 from helpers import failure, main, make_config, tiny_overrides, write_tiny_mnist
 
 
@@ -176,3 +176,15 @@ def test_an_optuna_sweep_on_the_mnist_subset_minimises_the_trials_objectives(tmp
                "recipe.student.batch_size=100000", f"hydra.sweep.dir={failed}")
     assert yaml.safe_load((failed / "optimization_results.yaml").read_text())["best_value"] == float("inf")
     assert not (failed / "0" / "metrics.json").exists()
+
+
+def test_a_training_call_puts_the_deterministic_setting_back_and_reuses_the_networks_it_is_given(tiny, tmp_path):
+    cfg = api.compose("train", [*tiny, "student=fitnet_mnist", "schedule=backprop", "recipe.student.max_epochs=1",
+                                "deterministic=true"])
+    built = api.networks(cfg)
+    assert not torch.are_deterministic_algorithms_enabled()
+    api.train(cfg, run_dir=tmp_path / "run", built=built)
+    assert not torch.are_deterministic_algorithms_enabled()   # the run set it; the call put it back
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "student.pt", weights_only=True)["state_dict"]
+    trained = built.trained.net.state_dict()   # the very network handed in is the one trained and saved
+    assert all(torch.equal(saved[k], trained[k].cpu()) for k in saved)

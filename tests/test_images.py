@@ -15,9 +15,9 @@ import torch
 import torchvision
 from PIL import Image
 
+from fitnets_cli.data.images import resolve
 from fitnets_cli.data.load import load_data
 from fitnets_cli.data.splits import Resident, held_out
-from fitnets_cli.data.images import resolve
 from fitnets_cli.data.streaming import Streamed, crop_box
 from helpers import (failure, in_stage, main, make_config, signal_when, start, without_timing, write_image_folder,
                      write_tiny_mnist)

@@ -3,8 +3,8 @@ import torch
 
 from fitnets_cli.commands.compare import load_student
 from fitnets_cli.config.groups import Layer, Network
-from fitnets_cli.networks.maxout import Maxout, build_net
 from fitnets_cli.networks.build import build_network, count
+from fitnets_cli.networks.maxout import Maxout, build_net
 
 STUDENTS = ["fitnet1", "fitnet2", "fitnet3", "fitnet4", "fitnet_mnist"] + [
     f"depth{d}_{b}" for d in (5, 7, 9, 11) for b in ("30m", "107m")]

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fitnets_cli.networks.checkpoint import FORMAT
 from fitnets_cli.config.commands import TrainConfig
 from fitnets_cli.config.groups import Dataset, HintPair, Hints, KD, Network, Optim, Recipe, Schedule
 from fitnets_cli.data.splits import Resident
+from fitnets_cli.networks.build import build_network
+from fitnets_cli.networks.checkpoint import FORMAT
 from fitnets_cli.training.hints import default_tap, make_regressors, plan_hints
 from fitnets_cli.training.losses import hint_loss, kd_loss
-from fitnets_cli.networks.build import build_network
 from fitnets_cli.training.stages import Session, make_stages, stage_loss
 
 from helpers import (call, failure, in_stage, signal_when, start, tiny_overrides, tiny_run, train_stages, without_timing,

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from fitnets_cli.runtime import files
-from fitnets_cli.runtime.files import DiskFull, atomic_write, write_json
 from fitnets_cli.commands.compare import load_student
 from fitnets_cli.networks.maxout import build_net
+from fitnets_cli.runtime import files
+from fitnets_cli.runtime.files import DiskFull, atomic_write, write_json
 from helpers import call, failure, in_stage, main, signal_when, stage_of, start, without_timing
 
 # Five epochs a stage leave room to stop a run in stage 1, at the boundary and in stage 2.
@@ -245,8 +245,8 @@ def files_of(*paths):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
-    (["student=fitnet99"], "Available options in 'student': depth11_107m"),
-    (["teacher=resnet32x4"], "the CIFAR-100 benchmark's networks are teacher=zoo teacher.arch=resnet32x4"),
+    (["student=fitnet99"], "Could not find 'student/fitnet99' Available options in 'student': MobileNetV2,"),
+    (["teacher=resnet99"], "Could not find 'teacher/resnet99' Available options in 'teacher': MobileNetV2,"),
     (["recipe.student.lrr=1"], "Key 'lrr' not in 'Optim'"),
     (["recipe.student.batch_size=big"], "could not be converted to Integer"),
     (["recipe.student.max_epochs=0"], "max_epochs must be > 0"),

@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 
 from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import HintPair, Network
-from fitnets_cli.training.hints import default_tap, make_regressors, plan_hints
 from fitnets_cli.networks.build import build_network
+from fitnets_cli.training.hints import default_tap, make_regressors, plan_hints
 from fitnets_cli.training.stages import Session, make_stages
 from helpers import failure, main, random_split, tiny_overrides, tiny_run, train_stages, write_tiny_mnist
 

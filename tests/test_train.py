@@ -5,9 +5,9 @@ import torch
 
 from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import HintPair
-from fitnets_cli.training.hints import make_regressors, plan_hints, regressor_params
 from fitnets_cli.networks.maxout import Net, build_net
 from fitnets_cli.networks.taps import Tapped
+from fitnets_cli.training.hints import make_regressors, plan_hints, regressor_params
 from fitnets_cli.training.stages import evaluate_stage, make_stages
 from helpers import main, mnist_session, random_split, train_stages
 

@@ -40,14 +40,15 @@ def composed(command: str, overrides: Sequence[str] = (), hydra: bool = False) -
         return hydra_compose(CONFIGS[command], overrides=list(overrides), return_hydra_config=hydra)
 
 
-def typed(cfg: DictConfig):
+def typed(cfg: DictConfig, files: bool = True):
     """The composed config as the command's typed schema, checked, with an image-file dataset's shape and classes
-    read from its files (checked on the way, before anything is written)."""
+    read from its files (checked on the way, before anything is written; files=False: not read)."""
     if "hydra" in cfg:
         with open_dict(cfg):
             del cfg["hydra"]
     config = to_config(cfg)
-    if getattr(config, "dataset", None) is None or config.dataset.images is None or getattr(config, "resume", None):
+    if not files or getattr(config, "dataset", None) is None or config.dataset.images is None or \
+            getattr(config, "resume", None):
         return config
     from fitnets_cli.data.images import resolve   # PIL loads here: only image files need it
 

@@ -73,20 +73,19 @@ def overrides_of(args: list[str]) -> list[str]:
 
 
 def precheck(command: str, args: list[str]) -> list[str]:
-    """Compose the (first) job's config before Hydra runs or creates anything, so that bad input stops with
-    one line and writes nothing, and a finished run or an unwritable output directory is refused; for a single
-    run, keep the typed config and the networks in PREPARED for its job. Returns the arguments for Hydra, with
-    the output directory checked here pinned."""
+    """Compose and check the (first) job's config before Hydra runs or creates anything, so that bad input stops
+    with one line and writes nothing; for a single run, keep the typed config and its networks in PREPARED for
+    its job. Returns the arguments for Hydra, with the output directory (checked here) pinned."""
     if "--info" in args or "-i" in args:
         return args   # Hydra's own report of its search path and plugins
     multirun = any(a in ("-m", "--multirun") for a in args)
-    printing = any(a in PRINTING for a in args)
     try:
         cfg = api.composed(command, overrides_of(args), hydra=True)
         out = Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+        if any(a in PRINTING for a in args):
+            api.typed(cfg, files=False)   # the config's own checks; its image files are not read
+            return args   # Hydra prints the config or the help; nothing runs
         config = api.typed(cfg)
-        if printing:
-            return args
         built = api.networks(config) if command in ("train", "train-teacher") and not config.resume else None
     except Exception as err:
         if debugging(args):
@@ -100,6 +99,12 @@ def precheck(command: str, args: list[str]) -> list[str]:
                  "directory of the run to continue")
         # The run continues in its own directory; Hydra must not write a new .hydra/ over the original.
         return args + [f"hydra.run.dir={config.resume}", "hydra.output_subdir=null"]
+    claim(out, multirun)
+    return args + [f"hydra.{'sweep' if multirun else 'run'}.dir={out}"]
+
+
+def claim(out: Path, multirun: bool) -> None:
+    """Stop in one line unless `out` can take a new run: writable, and (for a single run) holding no other run."""
     from fitnets_cli.training.rundir import holds
 
     if not multirun and holds(out):
@@ -112,7 +117,6 @@ def precheck(command: str, args: list[str]) -> list[str]:
     except OSError as err:
         fail(f"cannot write the output directory {out} ({err.strerror}); pass hydra.run.dir=DIR "
              "(hydra.sweep.dir=DIR with -m) somewhere writable")
-    return args + [f"hydra.{'sweep' if multirun else 'run'}.dir={out}"]
 
 
 def distributed(command: str, args: list[str]) -> list[str]:

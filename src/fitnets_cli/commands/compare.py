@@ -19,15 +19,15 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.table import Table
 
-from fitnets_cli.networks import zoo
 from fitnets_cli.commands.benchmark import benchmark_view
-from fitnets_cli.networks.checkpoint import load_payload
-from fitnets_cli.runtime.files import write_text
 from fitnets_cli.config.commands import CompareConfig, to_config
 from fitnets_cli.config.errors import ConfigError, one_line
 from fitnets_cli.config.groups import Student
-from fitnets_cli.runtime.dist import pick_device
+from fitnets_cli.networks import zoo
 from fitnets_cli.networks.build import build_network, count, network_of
+from fitnets_cli.networks.checkpoint import load_payload
+from fitnets_cli.runtime.dist import pick_device
+from fitnets_cli.runtime.files import write_text
 from fitnets_cli.runtime.ui import console, errors
 
 # key -> column header. Accuracies are in percent; gaps are percentage points.

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from fitnets_cli.networks.checkpoint import load_model, saved_dataset
-from fitnets_cli.runtime.files import DiskFull, atomic_write, write_json
 from fitnets_cli.config.commands import ExportConfig
 from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import Dataset
 from fitnets_cli.data.load import load_data
 from fitnets_cli.networks.build import build_network, network_of
+from fitnets_cli.networks.checkpoint import load_model, saved_dataset
+from fitnets_cli.runtime.files import DiskFull, atomic_write, write_json
 from fitnets_cli.runtime.ui import console
 
 SUFFIX = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx", "pt2": ".pt2"}

@@ -3,9 +3,9 @@
 from rich.table import Table
 
 from fitnets_cli.config.commands import LayersConfig
-from fitnets_cli.training.hints import default_tap, fmt, plan_hints, plan_table
 from fitnets_cli.networks.build import build_network
 from fitnets_cli.runtime.ui import console
+from fitnets_cli.training.hints import default_tap, fmt, plan_hints, plan_table
 
 
 def tap_table(net, role: str, marked: set[str]) -> Table:

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fitnets_cli.runtime import dist
 from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import Data, Dataset
+from fitnets_cli.runtime import dist
 
 
 def crop_box(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:

@@ -13,7 +13,7 @@
                           `taps` and `shapes` give as maps of their patch tokens
   build_spec              how to build it again, recorded in checkpoints
 
-The paper's maxout networks (models.Net) implement it directly. Any other nn.Module (a torchvision model, a
+The paper's maxout networks (maxout.Net) implement it directly. Any other nn.Module (a torchvision model, a
 network of the zoo, a timm model, or the user's own by dotted path) is wrapped in `Tapped`, which reads its taps
 from a torch.fx trace, or, where torch.fx cannot trace it, in `Hooked`, which reads them with forward hooks (both
 in taps.py). A module may declare a constraint to apply after every update with a `constrain()` method (maxout
@@ -34,9 +34,9 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fitnets_cli.networks import zoo
 from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import Layer, Network
+from fitnets_cli.networks import zoo
 from fitnets_cli.networks.maxout import build_net, paper_specs
 from fitnets_cli.networks.taps import Hooked, Tapped, Untraceable
 

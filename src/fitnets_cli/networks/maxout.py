@@ -1,5 +1,5 @@
 """The paper's networks, built from per-layer specs: maxout conv / maxout FC / softmax layers, named so hints
-can refer to them. `Net` implements the network seam (networks.py) directly: its taps are its layers."""
+can refer to them. `Net` implements the network seam (networks/build.py) directly: its taps are its layers."""
 
 import math
 from dataclasses import replace

@@ -1,4 +1,4 @@
-"""Any nn.Module behind the network seam (networks.py): `Tapped` reads its taps from a torch.fx trace, `Hooked`,
+"""Any nn.Module behind the network seam (networks/build.py): `Tapped` reads its taps from a torch.fx trace, `Hooked`,
 for a module torch.fx cannot trace, with forward hooks. Token sequences are read as the maps of their patch tokens."""
 
 import difflib

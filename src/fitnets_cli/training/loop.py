@@ -11,18 +11,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as Bars
 from torch import nn
 
-from fitnets_cli.runtime import dist
-from fitnets_cli.training import resume
 from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import Augment, Optim
 from fitnets_cli.data.splits import Splits
 from fitnets_cli.data.views import augment
-from fitnets_cli.training.evaluate import evaluate
-from fitnets_cli.training.schedules import lam_at, lr_at, momentum_at
 from fitnets_cli.networks.build import constraints, restore_weights, snapshot_weights
-from fitnets_cli.training.resume import Interrupted, Progress
-from fitnets_cli.training.stages import Session, Stage, autocast, batch_targets, evaluate_stage, stage_loss, teacher_cache, trained_modules
+from fitnets_cli.runtime import dist
 from fitnets_cli.runtime.ui import console
+from fitnets_cli.training import resume
+from fitnets_cli.training.evaluate import evaluate
+from fitnets_cli.training.resume import Interrupted, Progress
+from fitnets_cli.training.schedules import lam_at, lr_at, momentum_at
+from fitnets_cli.training.stages import Session, Stage, autocast, batch_targets, evaluate_stage, stage_loss, teacher_cache, trained_modules
 
 
 @dataclass

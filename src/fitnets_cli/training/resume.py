@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.runtime import dist
 from fitnets_cli.runtime.files import DiskFull, atomic_write
-from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.training.stages import Session
 
 FORMAT = "fitnets-resume-3"   # 3: one Progress record; 2: best weights kept per trained module

@@ -15,16 +15,16 @@ from omegaconf import OmegaConf
 from rich.table import Table
 from torch.utils.tensorboard import SummaryWriter
 
-from fitnets_cli.runtime import dist
-from fitnets_cli.training import resume
-from fitnets_cli.networks.checkpoint import save_model
-from fitnets_cli.runtime.files import write_json, write_text
 from fitnets_cli.config.commands import SCHEMAS, TrainingConfig
 from fitnets_cli.config.errors import ConfigError
-from fitnets_cli.training.evaluate import evaluate
 from fitnets_cli.networks.build import count
-from fitnets_cli.training.stages import Session
+from fitnets_cli.networks.checkpoint import save_model
+from fitnets_cli.runtime import dist
+from fitnets_cli.runtime.files import write_json, write_text
 from fitnets_cli.runtime.ui import console
+from fitnets_cli.training import resume
+from fitnets_cli.training.evaluate import evaluate
+from fitnets_cli.training.stages import Session
 
 
 class AlreadyFinished(Exception):

@@ -7,7 +7,7 @@ Stage kinds (paper section 2):
   ce     the whole student (or teacher) by plain backprop
   joint  the whole student, cross-entropy + hint_weight * hint loss in one stage (not the paper's method)
 
-Networks are reached only through the seam in networks.py (taps, the modules a tap depends on, constraints).
+Networks are reached only through the seam of networks/build.py (taps, the modules a tap depends on, constraints).
 """
 
 import math
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitnets_cli.runtime import dist
 from fitnets_cli.data.splits import Resident, batches
+from fitnets_cli.runtime import dist
 from fitnets_cli.training.evaluate import evaluate
 from fitnets_cli.training.hints import HintPlan, key
 from fitnets_cli.training.losses import hint_loss, kd_loss
