@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fitnets_cli import api
 from helpers import failure, fitnets, main
 
 
@@ -123,3 +124,29 @@ def test_the_wheel_ships_every_config_and_a_plain_install_runs_from_it(tmp_path)
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert str(target) in proc.stdout and "fitnet1,,,,cifar10,,11,249576,30150024" in proc.stdout   # no teacher, schedule, variant
+
+
+@pytest.mark.parametrize("args,says", [
+    (["-m", "hydra/sweeper=optuna", "hydra.sweeper.params.recipe.student.lr=interval(0.01,0.1)"],
+     "give the Optuna sweeper the search space as a plain override: -m hydra/sweeper=optuna "
+     "'recipe.student.lr=interval(0.01,0.1)'"),
+    (["-m", "hydra.job.chdir=true,false"], "Hydra cannot sweep over its own settings; give hydra.job.chdir one value"),
+    (["seed=0,1"], "seed=0,1 is a sweep: add -m (fitnets train -m seed=0,1)"),
+    (["-m", "seed=0,1", "--cfg", "job"], "-m and --cfg do not go together"),
+    (["-m", "hydra/sweeper=optunaa"], "Could not find 'hydra/sweeper/optunaa' Available options in 'hydra/sweeper': "),
+    (["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=many"], "hydra.sweeper.n_trials=many"),
+    (["-m", "hydra/sweeper=optuna", "hydra.sweeper.trials=3"], "Key 'trials' not in 'OptunaSweeperConf'"),
+])
+def test_hydras_own_errors_reach_the_user_as_one_line(args, says, tmp_path):
+    line = failure("train", "schedule=backprop", *args, f"hydra.sweep.dir={tmp_path / 's'}",
+                   f"hydra.run.dir={tmp_path / 'r'}")
+    assert says in line, line
+    assert not (tmp_path / "s").exists() and not (tmp_path / "r").exists()
+
+
+def test_m_may_come_after_the_overrides(tmp_path, monkeypatch):
+    # Hydra's parser takes its flags before the overrides only; the command line puts them there.
+    ran = []
+    monkeypatch.setattr(api, "train", lambda cfg, **kw: ran.append(cfg.seed) or {"stages": [{"best_valid": 0.5}]})
+    main("train", "schedule=backprop", "seed=0,1", "-m", f"hydra.sweep.dir={tmp_path / 's'}")
+    assert ran == [0, 1]

@@ -80,6 +80,27 @@ def test_resident_and_streamed_splits_give_the_same_batches_for_the_same_seed(fo
     assert held.train.x.shape == (24, 3, 12, 12) and len(held.valid) == len(held.test) == 12   # val/: both
 
 
+def test_a_folder_without_val_holds_out_and_streams_alike_for_any_worker_count(tmp_path):
+    # The layout of the image-folder bench (train/ and test/, no val/: validation held out of train/): the held-out
+    # images and every streamed batch must not depend on the loader's worker count, so that a run's figures
+    # move only with its seed and the machine's arithmetic.
+    root = write_image_folder(tmp_path / "data", per_class=(10, 4))
+    (root / "val").rename(root / "test")
+    splits = {}
+    for workers in (0, 2):
+        cfg = resolve(make_config("train", ["dataset=imagefolder", f"data.root={root}", "device=cpu", "data.resident=false",
+                                            f"data.workers={workers}", "dataset.augment.resized_crop=false"]))
+        splits[workers] = load_data(cfg.dataset, cfg.data, torch.device("cpu"))
+    a, b = splits[0], splits[2]
+    assert a.train.files.items == b.train.files.items and a.valid.files.items == b.valid.files.items
+    assert len(a.valid) == 3 and sorted(a.valid.files.labels) == [0, 1, 2]   # 0.1 of each class of 10
+    order = torch.randperm(len(a.train), generator=torch.Generator().manual_seed(0))
+    for u, v in zip(a.train.batches(4, order, train=True), b.train.batches(4, order, train=True)):
+        assert torch.equal(u[0], v[0]) and torch.equal(u[1], v[1])
+    for u, v in zip(a.test.batches(5), b.test.batches(5)):
+        assert torch.equal(u[0], v[0])
+
+
 @pytest.mark.slow
 def test_resident_and_streamed_runs_train_alike(folder, tmp_path):
     runs = {}

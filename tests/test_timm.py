@@ -304,12 +304,29 @@ def test_compare_sets_ofas_published_fitnet_figures_under_runs_of_its_pairs():
                      ["FitNets, two stages (fitnets)", "70.25 (70.50)"]]
 
 
-@pytest.mark.parametrize("target, says", [
-    ("torch.nn.Flatten", "network torch.nn.Flatten outputs (3072,) for (3, 32, 32) images; fitnets needs (10,) logits"),
-    ("test_timm.Gated", "network test_timm.Gated does not run on (3, 32, 32) images (RuntimeError: "),   # hooked
+class Passthrough(torch.nn.Module):
+    """Parameters, but a forward pass that returns the images as they are: no layer to tap, no logits."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.unused = torch.nn.Linear(1, num_classes)
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+@pytest.mark.parametrize("target, extra, says", [
+    ("torch.nn.Conv2d", ["+{role}.in_channels=3", "+{role}.out_channels=4", "+{role}.kernel_size=3"],
+     "network torch.nn.Conv2d outputs (4, 30, 30) for (3, 32, 32) images; fitnets needs (10,) logits"),
+    ("test_timm.Gated", [], "network test_timm.Gated does not run on (3, 32, 32) images (RuntimeError: "),   # hooked
+    ("torch.nn.Identity", [], "network torch.nn.Identity has no parameters, so it can be neither trained nor distilled"),
+    ("torch.nn.Flatten", [], "network torch.nn.Flatten has no parameters"),
+    ("test_timm.Passthrough", [], "network test_timm.Passthrough has no layers to tap: its forward pass returns its input"),
 ])
-def test_a_module_without_logits_or_that_rejects_the_images_stops_in_one_line(tmp_path, target, says):
-    line = failure("train", "dataset=cifar10", "student=module", f"student._target_={target}",
-                   f"hydra.run.dir={tmp_path / 'run'}")
+def test_a_module_that_cannot_be_a_student_or_teacher_stops_in_one_line(tmp_path, role, target, extra, says):
+    schedule = "schedule=backprop" if role == "student" else "schedule=kd"
+    line = failure("train", "dataset=cifar10", schedule, f"{role}=module", f"{role}._target_={target}",
+                   *(e.format(role=role) for e in extra), f"hydra.run.dir={tmp_path / 'run'}")
     assert says in line, line
     assert not (tmp_path / "run").exists()

@@ -51,25 +51,41 @@ def debugging(args) -> bool:
     return bool(os.environ.get("FITNETS_DEBUG")) or any(a.startswith("hydra.verbose=") for a in args)
 
 
-def overrides_of(args: list[str]) -> list[str]:
-    """The Hydra overrides among the arguments (flags and their values left out), a sweep taking its first
-    value: the first job's overrides."""
-    found, skip = [], False
+def split(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides), each in the order given."""
+    flags, overrides, value = [], [], False
     for a in args:
-        if skip or a.startswith("-"):
-            skip = not skip and a in VALUED
-            continue
-        found.append(a)
-    overrides = []
-    for o in OverridesParser.create().parse_overrides(found):
-        if o.is_sweep_override():
-            try:
-                overrides.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
-            except Exception:   # glob() sweeps need Hydra's config loader: checked when the jobs run
-                continue
+        if value or a.startswith("-"):
+            flags.append(a)
+            value = not value and a in VALUED
         else:
-            overrides.append(o.input_line)
-    return overrides
+            overrides.append(a)
+    return flags, overrides
+
+
+def first_job(command: str, overrides: list[str], multirun: bool) -> list[str]:
+    """The first job's overrides, a sweep taking its first value. A sweep without -m, or over Hydra's own
+    settings, stops in one line naming the form that works."""
+    first = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override():
+            first.append(o.input_line)
+            continue
+        key = o.get_key_element()
+        if key.startswith("hydra.sweeper.params."):
+            fail(f"{o.input_line}: Hydra sweeps no hydra.* key from the command line; give the Optuna sweeper the "
+                 f"search space as a plain override: -m hydra/sweeper=optuna "
+                 f"'{o.input_line.removeprefix('hydra.sweeper.params.')}' (docs/export.md#optuna)")
+        if key.startswith("hydra.") or key.startswith("hydra/"):
+            fail(f"{o.input_line}: Hydra cannot sweep over its own settings; give {key} one value and sweep the "
+                 f"run's keys (fitnets {command} -m seed=0,1,2)")
+        if not multirun:
+            fail(f"{o.input_line} is a sweep: add -m (fitnets {command} -m {o.input_line}), or give {key} one value")
+        try:
+            first.append(f"{key}={next(iter(o.sweep_string_iterator()))}")
+        except Exception:   # glob() and Optuna's interval()/choice() need the sweeper: checked when the jobs run
+            continue
+    return first
 
 
 def precheck(command: str, args: list[str]) -> list[str]:
@@ -79,8 +95,13 @@ def precheck(command: str, args: list[str]) -> list[str]:
     if "--info" in args or "-i" in args:
         return args   # Hydra's own report of its search path and plugins
     multirun = any(a in ("-m", "--multirun") for a in args)
+    flags, overrides = split(args)
+    if multirun and any(a in ("--cfg", "-c") for a in flags):
+        fail("-m and --cfg do not go together (Hydra prints one config); drop -m to see the first job's config")
+    # Hydra's parser takes its flags before the overrides only: `fitnets train seed=1 -m lr=...` works too.
+    args = flags + overrides
     try:
-        cfg = api.composed(command, overrides_of(args), hydra=True)
+        cfg = api.composed(command, first_job(command, overrides, multirun), hydra=True)
         out = Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
         if any(a in PRINTING for a in args):
             api.typed(cfg, files=False)   # the config's own checks; its image files are not read

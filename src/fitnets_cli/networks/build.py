@@ -51,6 +51,10 @@ def build_network(spec: Network, in_shape, num_classes: int, init_range: float =
     else:
         model = timm_model(spec, num_classes, in_shape) if spec.source == "timm" else \
             instantiate(spec, num_classes, in_shape[0])
+        if next(model.parameters(), None) is None:
+            raise ConfigError(f"network {spec.name} has no parameters, so it can be neither trained nor distilled "
+                              f"from; a teacher or student is a classifier with trainable layers that outputs "
+                              f"({num_classes},) logits: name such a module")
         try:
             net = Tapped(model, in_shape, num_classes, spec.name)
         except Untraceable as why:

@@ -35,6 +35,9 @@ class Tapped(nn.Module):
             nodes = get_graph_node_names(model, tracer_kwargs=self._fx_kwargs(), suppress_diff_warning=True)[1][1:]
         except Exception as err:
             raise Untraceable(f"{type(err).__name__}: {' '.join(str(err).split())[:150]}") from None
+        if not nodes:
+            raise ConfigError(f"network {name} has no layers to tap: its forward pass returns its input as it is; "
+                              f"a teacher or student computes ({num_classes},) logits from the images: name such a module")
         leaves = {n for n, m in model.named_modules() if n and not list(m.children())}
         self._node = tap_names(nodes, leaves | set(self._tracer.get("leaf_names", ())))
         probe = create_feature_extractor(model, return_nodes=nodes, suppress_diff_warning=True,
