@@ -1,8 +1,9 @@
 """The CIFAR networks of the CRD distillation benchmark (Tian et al., ICLR 2020), as plain nn.Modules reached
 through the network seam like any other module: `teacher=NAME`, `student=NAME` (or the long form
 `teacher=zoo teacher.arch=NAME`, `student=zoo student.arch=NAME`). Each network is named once, where it is
-defined: `@network` enters it in NETWORKS and stores its name as an option of the `student` and `teacher` config
-groups (Hydra's ConfigStore), which composition sees once this module is imported.
+defined: `@network` (or `network(partial(...), NAME)` for a setting of a class) enters it in NETWORKS and
+stores its name as an option of the `student` and `teacher` config groups (Hydra's ConfigStore), which
+composition sees once this module is imported.
 
 Written after the benchmark's reference code, HobbitLong/RepDistiller models/ (also used by mdistiller), with
 the same layers, parameter counts, initialisation and state_dict keys, so that its published checkpoints load
@@ -15,6 +16,7 @@ network's default hint and guided tap.
 """
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +28,11 @@ from torch import nn
 NETWORKS = {}
 
 
-def network(make):
-    """Enter a builder (a function or class taking num_classes and in_channels) in NETWORKS under its own name,
-    and offer that name as a config option: `student=NAME` and `teacher=NAME` are `source: zoo, arch: NAME`."""
-    name = make.__name__
+def network(make, name: str | None = None):
+    """Enter a builder (a function, class or partial taking num_classes and in_channels) in NETWORKS under its
+    name (its own, else `name`), and offer that name as a config option: `student=NAME` and `teacher=NAME` are
+    `source: zoo, arch: NAME`."""
+    name = name or make.__name__
     NETWORKS[name] = make
     for group in ("student", "teacher"):
         ConfigStore.instance().store(group=group, name=name, node={"source": "zoo", "arch": name})
@@ -145,34 +148,12 @@ def resnet(depth: int, widths, num_classes: int = 100, in_channels: int = 3) -> 
     return ResNet(BasicBlock, widths, [(depth - 2) // 6] * 3, num_classes, in_channels)
 
 
-@network
-def resnet20(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return resnet(20, (16, 16, 32, 64), num_classes, in_channels)
-
-
-@network
-def resnet32(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return resnet(32, (16, 16, 32, 64), num_classes, in_channels)
-
-
-@network
-def resnet56(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return resnet(56, (16, 16, 32, 64), num_classes, in_channels)
-
-
-@network
-def resnet110(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return resnet(110, (16, 16, 32, 64), num_classes, in_channels)
-
-
-@network
-def resnet8x4(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return resnet(8, (32, 64, 128, 256), num_classes, in_channels)
-
-
-@network
-def resnet32x4(num_classes: int = 100, in_channels: int = 3) -> ResNet:
-    return resnet(32, (32, 64, 128, 256), num_classes, in_channels)
+resnet20 = network(partial(resnet, 20, (16, 16, 32, 64)), "resnet20")
+resnet32 = network(partial(resnet, 32, (16, 16, 32, 64)), "resnet32")
+resnet56 = network(partial(resnet, 56, (16, 16, 32, 64)), "resnet56")
+resnet110 = network(partial(resnet, 110, (16, 16, 32, 64)), "resnet110")
+resnet8x4 = network(partial(resnet, 8, (32, 64, 128, 256)), "resnet8x4")
+resnet32x4 = network(partial(resnet, 32, (32, 64, 128, 256)), "resnet32x4")
 
 
 @network
@@ -223,19 +204,9 @@ class WideResNet(nn.Module):
         return self.fc(pool(F.relu(self.bn1(x))))
 
 
-@network
-def wrn_16_2(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
-    return WideResNet(16, 2, num_classes, in_channels)
-
-
-@network
-def wrn_40_1(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
-    return WideResNet(40, 1, num_classes, in_channels)
-
-
-@network
-def wrn_40_2(num_classes: int = 100, in_channels: int = 3) -> WideResNet:
-    return WideResNet(40, 2, num_classes, in_channels)
+wrn_16_2 = network(partial(WideResNet, 16, 2), "wrn_16_2")
+wrn_40_1 = network(partial(WideResNet, 40, 1), "wrn_40_1")
+wrn_40_2 = network(partial(WideResNet, 40, 2), "wrn_40_2")
 
 
 # ---------------------------------------------------------------- VGG with batch norm (vgg.py)
@@ -267,14 +238,8 @@ class VGG(nn.Module):
         return self.classifier(pool(x))
 
 
-@network
-def vgg8(num_classes: int = 100, in_channels: int = 3) -> VGG:
-    return VGG([[64], [128], [256], [512], [512]], num_classes, in_channels)
-
-
-@network
-def vgg13(num_classes: int = 100, in_channels: int = 3) -> VGG:
-    return VGG([[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]], num_classes, in_channels)
+vgg8 = network(partial(VGG, [[64], [128], [256], [512], [512]]), "vgg8")
+vgg13 = network(partial(VGG, [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]), "vgg13")
 
 
 # ---------------------------------------------------------------- MobileNetV2, half width (mobilenetv2.py)
