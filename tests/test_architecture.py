@@ -2,7 +2,10 @@
 itself), and no modules import each other, directly or round a longer cycle."""
 
 import ast
+import subprocess
 from pathlib import Path
+
+import pytest
 
 import fitnets_cli
 
@@ -92,3 +95,16 @@ def test_the_checks_catch_an_upward_import_a_peer_import_and_a_cycle(tmp_path):
     assert upward(graph) == ["fitnets_cli.training.loop imports fitnets_cli.commands.compare",
                              "fitnets_cli.networks.build imports fitnets_cli.data.load"]
     assert cycles(graph) == ["fitnets_cli.data.images -> fitnets_cli.data.load -> fitnets_cli.data.images"]
+
+
+def test_no_source_file_is_ignored_by_git():
+    """A .gitignore pattern that catches a package folder (`data/` once hid fitnets_cli/data/) leaves a
+    clean clone without modules that the working tree has, so CI fails where the tests here pass."""
+
+    root = SRC.parent.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout (an installed package)")
+    files = [str(p.relative_to(root)) for d in ("src", "tests", "conf", "scripts") for p in (root / d).rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts and ".egg-info" not in str(p)]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True)
+    assert ignored.stdout.split() == [], f"files git would leave out of a clone: {ignored.stdout.split()}"
