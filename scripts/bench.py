@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
@@ -59,11 +60,11 @@ from fitnets_cli.data.splits import Splits
 from fitnets_cli.networks.build import build_network
 from fitnets_cli.runtime.dist import pick_device
 from fitnets_cli.training.evaluate import evaluate
-from fitnets_cli.training.hints import make_regressors, plan_hints
+from fitnets_cli.training.hints import key
 from fitnets_cli.training.loop import Run, augmentation, make_optimizer, train_stage
-from fitnets_cli.training.losses import hint_loss, kd_loss
+from fitnets_cli.training.losses import hint_loss, kd_soft
 from fitnets_cli.training.resume import Progress
-from fitnets_cli.training.stages import Session, Stage, autocast, make_stages, regress, trained_modules
+from fitnets_cli.training.stages import Session, autocast, backprop_stage, plan_stages, session, trained_modules
 from fitnets_cli.training.train import maybe_compile
 
 PAIRS = {  # name -> config overrides, the dataset image shape, and its CIFAR-10-sized training set
@@ -76,16 +77,15 @@ LAM = 4.0   # the KD weight of the (a) and (c) steps: lam at the start of stage 
 
 def setup(overrides, device, tb_dir):
     """A run of the real config (no directory, no data), a session of a frozen teacher and the student, and
-    its hint plan, for one model pair."""
+    its planned stages (hints, then KD), for one model pair."""
     cfg = api.compose("train", overrides)
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     teacher = build_network(cfg.teacher, shape, classes, 0.05).to(device).eval().requires_grad_(False)
     student = build_network(cfg.student, shape, classes, cfg.recipe.student.init_range).to(device)
-    plans = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
-    regressors = make_regressors(plans).to(device)
+    stages = plan_stages(cfg, teacher, student)
     teacher, student = maybe_compile(teacher, cfg), maybe_compile(student, cfg)
     run = Run(cfg, cfg.recipe.student, device, Splits(None, None, None), None, SummaryWriter(tb_dir))
-    return run, Session(student, teacher, regressors), plans
+    return run, session(student, teacher, stages, device), stages
 
 
 def sync(device):
@@ -96,15 +96,16 @@ def sync(device):
 def method_loss(cfg, s, plan, t, out, y):
     """The stage's loss from the teacher's and the student's outputs (`plan`: the hint stage's pair, else KD)."""
     if plan:
-        return cfg.schedule.hint_weight * hint_loss(t[plan.hint], regress(s, plan.guided, out[plan.guided]),
-                                                    cfg.hints.reduction)
+        guided = out[plan.guided]
+        pred = s.regressors[key(plan.guided)](guided) if key(plan.guided) in s.regressors else guided
+        return 1.0 * hint_loss(t[plan.hint], pred, cfg.hints.reduction)
     kd = cfg.recipe.kd
-    return kd_loss(out[None], t[None], y, kd.tau, LAM, kd.form, kd.ce_weight)[0]
+    return kd.ce_weight * F.cross_entropy(out[None].float(), y) + LAM * kd_soft(out[None], t[None], kd.tau, kd.form)
 
 
 def floor_loss(cfg, s, stage, x, y):
     """The bare step's loss: the teacher and the student as deep as the stage needs, the loss; nothing else."""
-    plan = stage.plans[0] if stage.kind == "hint" else None
+    plan = stage.plans[0] if stage.guided else None
     tap = plan.guided if plan else None
     with torch.no_grad():
         t = s.teacher.taps(x, [plan.hint if plan else None])
@@ -122,7 +123,7 @@ def floor_step(run, s, stage, x, y, opt):
 
 def conventional_loss(cfg, s, stage, x, y):
     """The conventional KD-library step's loss: full teacher and student passes, features by name."""
-    plan = stage.plans[0] if stage.kind == "hint" else None
+    plan = stage.plans[0] if stage.guided else None
     with torch.no_grad():
         t = s.teacher.taps(x, [None] + ([plan.hint] if plan else []))
     return method_loss(cfg, s, plan, t, s.net.taps(x, [None] + ([plan.guided] if plan else [])), y)
@@ -158,7 +159,7 @@ def params_of(s, stage):
 
 def optimizer(run, s, stage):
     """The optimiser our loop makes for the stage (the recipe's), for every loop."""
-    return make_optimizer(trained_modules(s, stage), list(s.regressors.values()), run.optim)
+    return make_optimizer(trained_modules(s, stage), list(s.regressors.values()) + list(s.terms.values()), run.optim)
 
 
 def bench_stage(run, s, stage, shape, steps, batch, device, full):
@@ -223,7 +224,7 @@ def bench_streaming(device, n: int, batch: int, workers: int, tb_dir: str) -> di
         torch.manual_seed(0)
         net = build_network(cfg.student, cfg.dataset.in_shape, cfg.dataset.num_classes).to(device)
         run = Run(cfg, cfg.recipe.student, device, Splits(None, None, None), None, SummaryWriter(tb_dir))
-        ours = train_stage(run, Session(net), Stage("ce"), train, None, 2, Progress())["history"][1]
+        ours = train_stage(run, Session(net), backprop_stage(), train, None, 2, Progress())["history"][1]
 
         torch.manual_seed(0)
         net = build_network(cfg.student, cfg.dataset.in_shape, cfg.dataset.num_classes).to(device)
@@ -293,12 +294,12 @@ def main():
             for layout in layouts:
                 options = [f"device={device.type}", f"amp={amp}", f"compile={args.compile}"]
                 options += [] if layout is None else [f"channels_last={layout}"]
-                run, s, plans = setup(overrides + options, device, args.tb)
+                run, s, stages = setup(overrides + options, device, args.tb)
                 evaluate(s.net, Resident(held_out[:2000], torch.zeros(2000, dtype=torch.long, device=device)),
                          1000)
-                for stage in make_stages(["hint", "kd"], plans):
+                for stage in stages:
                     floor, ours, conventional = bench_stage(run, s, stage, shape, args.steps, args.batch, device, full)
-                    results.append({"pair": pair, "stage": "1 (hints)" if stage.kind == "hint" else "2 (KD)",
+                    results.append({"pair": pair, "stage": "1 (hints)" if stage.guided else "2 (KD)",
                                     "amp": "bf16" if amp else "fp32", "channels_last": run.cfg.channels_last,
                                     "floor_ips": floor, "ours_ips": ours, "conventional_ips": conventional,
                                     "b_over_a": ours / floor, "b_over_c": ours / conventional})

@@ -1,12 +1,17 @@
 """Check that a change to the code leaves training bit-identical: run the same short, deterministic runs on the
 shipped MNIST subset with two trees of fitnets and compare what they leave.
 
-    PYTHONPATH=OLD_TREE/src python scripts/same_numerics.py run OUT_OLD   # the tree on PYTHONPATH runs
+    OLD_VENV/bin/python scripts/same_numerics.py run OUT_OLD   # the fitnets installed there runs
     python scripts/same_numerics.py run OUT_NEW
     python scripts/same_numerics.py compare OUT_OLD OUT_NEW
 
-The runs: the MNIST teacher (1 epoch), then the MNIST FitNet by hints + KD, by KD and by backprop (2 epochs a
-stage), and by backprop with retrain_full (a second phase from scratch). `compare` checks every run's
+OLD_VENV is an environment with the old tree installed (`git worktree add OLD_TREE COMMIT`, then
+`OLD_VENV/bin/pip install -e OLD_TREE`): PYTHONPATH=OLD_TREE/src is not enough, since an editable install maps
+fitnets_cli.conf to its own tree's conf/.
+
+The runs: the MNIST teacher (1 epoch), then the MNIST FitNet (2 epochs a stage) by each schedule preset (hints +
+KD, KD, backprop, hint_joint, crd_fitnet), by backprop with retrain_full (a second phase from scratch) and by
+hints + KD with two hint pairs (two hint stages). `compare` checks every run's
 metrics.json (less timings, wall time, provenance and device) and every tensor of its checkpoints."""
 
 import json
@@ -23,7 +28,11 @@ RUNS = {"teacher": ["train-teacher"],
         "fitnets": ["train", "student=fitnet_mnist", "schedule=fitnets"],
         "kd": ["train", "student=fitnet_mnist", "schedule=kd"],
         "backprop": ["train", "student=fitnet_mnist", "schedule=backprop"],
-        "retrain": ["train", "student=fitnet_mnist", "schedule=backprop", "recipe.retrain_full=true"]}
+        "retrain": ["train", "student=fitnet_mnist", "schedule=backprop", "recipe.retrain_full=true"],
+        "hint_joint": ["train", "student=fitnet_mnist", "schedule=hint_joint"],
+        "crd_fitnet": ["train", "student=fitnet_mnist", "schedule=crd_fitnet"],
+        "two_pairs": ["train", "student=fitnet_mnist", "schedule=fitnets",
+                      "hints.pairs=[{hint: conv1, guided: conv2}, {hint: conv2, guided: conv4}]"]}
 VARYING = ("epoch_s", "images_s", "data_wait", "wall_s", "provenance", "device")
 
 

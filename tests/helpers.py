@@ -23,10 +23,9 @@ import fitnets_cli.networks.zoo  # noqa: F401  (registers the zoo's networks as 
 from fitnets_cli.config.commands import to_config
 from fitnets_cli.data.splits import Resident, Splits
 from fitnets_cli.networks.maxout import build_net
-from fitnets_cli.training.hints import make_regressors, plan_hints
 from fitnets_cli.training.loop import Run, train_stage
 from fitnets_cli.training.resume import Progress
-from fitnets_cli.training.stages import Session
+from fitnets_cli.training.stages import Session, plan_stages, session
 
 
 def make_config(config_name: str = "train", overrides=()):
@@ -181,14 +180,15 @@ def write_svhn(root: Path, rng) -> None:
 
 
 def mnist_session(make_config, tmp_path: Path, overrides=()):
-    """A run without a directory or data, and a session of the MNIST FitNet with an untrained MNIST teacher,
-    with its hint plans; `make_config` composes the config (the fixture of that name, or the function here)."""
+    """A run without a directory or data, a session of the MNIST FitNet with an untrained MNIST teacher, and the
+    planned stages of its schedule (default: fitnets, [hint, kd]); `make_config` composes the config (the
+    fixture of that name, or the function here)."""
     cfg = make_config("train", ["dataset=mnist", "student=fitnet_mnist", *overrides])
     torch.manual_seed(0)
     teacher = build_net(cfg.teacher.layers, (1, 28, 28), 10, init_range=0.05).eval().requires_grad_(False)
     student = build_net(cfg.student.layers, (1, 28, 28), 10, init_range=0.05)
-    plans = plan_hints(teacher, student, cfg.hints.pairs, cfg.hints)
-    return tiny_run(cfg, tmp_path), Session(student, teacher, make_regressors(plans)), plans
+    stages = plan_stages(cfg, teacher, student)
+    return tiny_run(cfg, tmp_path), session(student, teacher, stages, torch.device("cpu")), stages
 
 
 def tiny_run(cfg, tmp_path: Path, device=torch.device("cpu")) -> Run:

@@ -20,7 +20,7 @@ def test_help_lists_the_commands_and_the_config_groups():
     out = fitnets("--help").stdout
     assert all(c in out for c in ("train-teacher", "train", "eval", "compare"))
     out = fitnets("train", "--help").stdout
-    assert "schedule: backprop, crd_fitnet, fitnets, hint_joint, kd" in out and "student:" in out
+    assert "schedule: at, at_kd, backprop, crd_fitnet, dkd, fitnets, hint_joint, kd, pkt, sp" in out and "student:" in out
 
 
 def test_cfg_job_prints_the_composed_config():

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fitnets_cli.networks.build import build_network
-from fitnets_cli.training.hints import plan_hints
+from fitnets_cli.training.stages import plan_stages
 
 from helpers import call, main, write_tiny_mnist
 
@@ -179,11 +179,9 @@ def test_every_job_of_every_preset_composes_and_plans_its_hints(make_config, exp
     for job in jobs:
         cfg = make_config("train", [f"experiment={experiment}", *given, *job])
         assert cfg.teacher.auto_train != bool(given)
-        if {"hint", "joint"} & set(cfg.schedule.stages):
-            shape = cfg.dataset.in_shape or [cfg.dataset.images.channels] + [cfg.dataset.images.size] * 2
-            classes = cfg.dataset.num_classes or 10
-            assert plan_hints(net(cfg.teacher, shape, classes), net(cfg.student, shape, classes), cfg.hints.pairs,
-                              cfg.hints)
+        shape = cfg.dataset.in_shape or [cfg.dataset.images.channels] + [cfg.dataset.images.size] * 2
+        classes = cfg.dataset.num_classes or 10
+        assert plan_stages(cfg, net(cfg.teacher, shape, classes), net(cfg.student, shape, classes))
 
 
 # dataset; (student, schedule) of every job run; whether the preset retrains on train + valid; the students run.

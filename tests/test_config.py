@@ -29,7 +29,7 @@ def student_dataset(student):
 def test_the_groups_hold_the_issue_options():
     assert options("dataset") == ["cifar10", "cifar100", "cifar100_crd", "imagefolder", "imagenet", "mnist",
                                   "mnist_subset", "svhn", "torchvision"]
-    assert options("schedule") == ["backprop", "crd_fitnet", "fitnets", "hint_joint", "kd"]
+    assert options("schedule") == ["at", "at_kd", "backprop", "crd_fitnet", "dkd", "fitnets", "hint_joint", "kd", "pkt", "sp"]
     assert set(zoo.NETWORKS) == {"resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_2",
                                  "wrn_40_1", "wrn_40_2", "vgg8", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2",
                                  "ResNet50"}
@@ -167,8 +167,8 @@ def test_compare_refuses_an_unknown_student_in_one_line_listing_the_options(tmp_
 @pytest.mark.parametrize("command, override, says", [
     ("train", "format=csv",
      "; format belongs to `fitnets compare` and `fitnets export`, not to `fitnets train`: drop it, or run"),
-    ("eval", "recipe.student.lr=0.1", "recipe belongs to `fitnets train` and `fitnets train-teacher`, not to `fitnets eval`"),
-    ("eval", "schedule=kd", "defaults list; schedule belongs to `fitnets train`, not to `fitnets eval`"),
+    ("eval", "recipe.student.lr=0.1", "recipe belongs to `fitnets train` and `fitnets train-teacher` and `fitnets layers`, not to"),
+    ("eval", "schedule=kd", "defaults list; schedule belongs to `fitnets train` and `fitnets layers`, not to `fitnets eval`"),
     ("train-teacher", "student=fitnet4", "student belongs to `fitnets train` and `fitnets layers`"),
     ("compare", "resume=x", "resume belongs to `fitnets train` and `fitnets train-teacher`"),
     ("layers", "+format=csv", "`fitnets layers` has no key format; format belongs to `fitnets compare`"),
@@ -183,9 +183,10 @@ def test_a_key_of_another_command_is_refused_naming_the_command_it_belongs_to(tm
 @pytest.mark.parametrize("hints", options("hints"))
 def test_every_schedule_and_hints_option_composes(make_config, schedule, hints):
     cfg = make_config("train", [f"schedule={schedule}", f"hints={hints}"])
-    stages = {"backprop": ["ce"], "fitnets": ["hint", "kd"], "hint_joint": ["joint"], "crd_fitnet": ["joint"],
-              "kd": ["kd"]}[schedule]
-    assert cfg.schedule.name == schedule and cfg.schedule.stages == stages
+    terms = {"backprop": [["ce"]], "fitnets": [["hint"], ["ce", "kd"]], "hint_joint": [["ce", "hint"]],
+             "crd_fitnet": [["ce", "hint"]], "kd": [["ce", "kd"]], "at": [["ce", "at"]], "sp": [["ce", "sp"]],
+             "pkt": [["ce", "pkt"]], "dkd": [["ce", "dkd"]], "at_kd": [["ce", "kd", "at"]]}[schedule]
+    assert cfg.schedule.name == schedule and [[t.term for t in st.terms] for st in cfg.schedule.stages] == terms
 
 
 def test_svhn_default_hint_pair_joins_the_fitnets(make_config):
@@ -218,7 +219,11 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(make_config):
     ("recipe.student.batch_size=-1", "batch_size must be > 0"),
     ("recipe.kd.tau=0", "tau must be > 0"),
     ("device=tpu", "device='tpu' is not one of auto, cpu, cuda"),
-    ("schedule.stages=[hint,distill]", "schedule.stages entry='distill'"),
+    ("schedule.stages.0.terms.0.term=distill", "term='distill' is not one of ce, kd, hint"),
+    ("schedule.stages.1.terms.1.weight=-1", "term kd: weights must be >= 0"),
+    ("schedule.stages.0.train=all", "stage hint: train='all' is not one of student, guided, modules"),
+    ("schedule.stages.0.terms.0._target_=pkg.term", "a loss term sets one of term"),
+    ("schedule.stages.1.terms.1.ramp=[5,2]", "ramp must be [first, last]"),
 ])
 def test_bad_values_fail_with_a_message_naming_the_key(make_config, override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

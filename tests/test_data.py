@@ -15,8 +15,8 @@ from fitnets_cli.data.splits import Resident, stratified_split
 from fitnets_cli.data.views import augment
 from fitnets_cli.networks.build import build_network
 from fitnets_cli.networks.checkpoint import saved_dataset
-from fitnets_cli.training.hints import HintPlan
 from fitnets_cli.training.stages import Session, Stage, teacher_cache
+from fitnets_cli.training.terms import Term
 from helpers import call, failure, main, write_cifar, write_svhn, write_tiny_mnist
 
 
@@ -198,8 +198,8 @@ def test_the_teacher_cache_of_a_resized_split_equals_live_passes_on_resized_batc
                             cfg.dataset.in_shape, 10).eval()
     g = torch.Generator().manual_seed(0)
     split = Resident(torch.rand(20, 1, 28, 28, generator=g), torch.randint(0, 10, (20,), generator=g), side=32)
-    plan = HintPlan("stages.1", "conv1", (), (), "none", None)
-    for stage, layer in ((Stage("kd"), None), (Stage("hint", [plan]), "stages.1")):
+    reading = lambda layer: Stage("s", [Term("t", (1.0, 1.0, 0, 0), False, [None], [layer], None)])
+    for stage, layer in ((reading(None), None), (reading("stages.1"), "stages.1")):
         cache = teacher_cache(cfg, Session(teacher, teacher), stage, split, augmented=False)
         for idx in (torch.arange(5), torch.tensor([19, 3, 11])):   # across the cache's batches of 7
             resized = F.interpolate(split.x[idx], size=(32, 32), mode="bilinear", align_corners=False)

@@ -9,7 +9,7 @@ import torchvision.transforms as T
 
 from fitnets_cli.data.views import augment
 from fitnets_cli.training.loop import augmentation
-from fitnets_cli.training.stages import autocast, batch_targets, make_stages, stage_loss, teacher_cache
+from fitnets_cli.training.stages import autocast, backprop_stage, batch_targets, stage_loss, teacher_cache, weights_at
 
 from helpers import mnist_session, random_split
 
@@ -18,10 +18,10 @@ import bench  # noqa: E402
 
 
 def test_cached_teacher_outputs_equal_live_ones(make_config, tmp_path):
-    run, s, plans = mnist_session(make_config, tmp_path)
+    run, s, stages = mnist_session(make_config, tmp_path)
     data = random_split(300, 0)
     x = data.x
-    for stage in make_stages(["hint", "kd"], plans):
+    for stage in stages:
         cache = teacher_cache(run.cfg, s, stage, data, False)
         assert cache is not None
         idx = torch.tensor([5, 17, 299, 0])
@@ -35,11 +35,11 @@ def test_cached_teacher_outputs_equal_live_ones(make_config, tmp_path):
 def test_cached_teacher_outputs_equal_live_ones_under_bf16(make_config, tmp_path):
     # The cache is filled under the same autocast as live teacher passes: results must not depend on whether
     # the teacher's outputs fit in memory.
-    run, s, plans = mnist_session(make_config, tmp_path, ["amp=true"])
+    run, s, stages = mnist_session(make_config, tmp_path, ["amp=true"])
     data = random_split(64, 0)
     x = data.x
     idx = torch.tensor([5, 17, 63, 0])
-    for stage in make_stages(["hint", "kd"], plans):
+    for stage in stages:
         cache = teacher_cache(run.cfg, s, stage, data, False)
         with autocast(run.cfg, run.device):
             live = batch_targets(s, stage, x[idx], None, idx)
@@ -49,16 +49,16 @@ def test_cached_teacher_outputs_equal_live_ones_under_bf16(make_config, tmp_path
 
 
 def test_caching_switches_off_with_augmentation_or_when_asked(make_config, tmp_path):
-    run, s, plans = mnist_session(make_config, tmp_path, ["dataset.augment.flip=true"])
-    [kd] = make_stages(["kd"], plans)
+    run, s, stages = mnist_session(make_config, tmp_path, ["dataset.augment.flip=true"])
+    kd = stages[1]
     data = random_split(32, 0)
     assert teacher_cache(run.cfg, s, kd, data, augmentation(run).random) is None   # each step's view differs: never
     assert teacher_cache(run.cfg, s, kd, data, False) is not None   # validation images are never augmented
-    run, s, plans = mnist_session(make_config, tmp_path, ["teacher_cache=false"])
-    assert teacher_cache(run.cfg, s, make_stages(["kd"], plans)[0], data, False) is None
-    run, s, plans = mnist_session(make_config, tmp_path, ["teacher_cache_gb=0.000001"])
-    assert teacher_cache(run.cfg, s, make_stages(["kd"], plans)[0], data, False) is None
-    assert teacher_cache(run.cfg, s, make_stages(["ce"], plans)[0], data, False) is None   # backprop needs no teacher
+    run, s, stages = mnist_session(make_config, tmp_path, ["teacher_cache=false"])
+    assert teacher_cache(run.cfg, s, stages[1], data, False) is None
+    run, s, stages = mnist_session(make_config, tmp_path, ["teacher_cache_gb=0.000001"])
+    assert teacher_cache(run.cfg, s, stages[1], data, False) is None
+    assert teacher_cache(run.cfg, s, backprop_stage(), data, False) is None   # backprop needs no teacher
 
 
 def loss_and_grads(loss, params):
@@ -69,15 +69,16 @@ def test_the_benchmarks_three_loops_do_the_same_work_on_the_same_batch(make_conf
     """(a) the bare step, (b) our loop's step, with and without the teacher cache, and (c) the conventional
     step give the same loss and the same gradients for the same weights and batch: the benchmark's ratios
     compare the same work."""
-    run, s, plans = mnist_session(make_config, tmp_path)
+    run, s, stages = mnist_session(make_config, tmp_path)
     data = random_split(16, 3)
     x, y = data.x, data.y
-    for stage in make_stages(["hint", "kd"], plans):
+    for stage in stages:
         params = bench.params_of(s, stage)
         cache = teacher_cache(run.cfg, s, stage, data, False)
         ours = {"live": batch_targets(s, stage, x, None, None), "cached": batch_targets(s, stage, x, cache, torch.arange(16))}
         steps = {"floor": bench.floor_loss(run.cfg, s, stage, x, y), "conventional": bench.conventional_loss(run.cfg, s, stage, x, y)}
-        steps |= {f"ours {k}": stage_loss(run.cfg, s, stage, x, y, bench.LAM, targets)[0] for k, targets in ours.items()}
+        weights = weights_at(stage, 0)   # lam at stage 2's start, bench.LAM
+        steps |= {f"ours {k}": stage_loss(s, stage, x, y, weights, targets)[0] for k, targets in ours.items()}
         expected_loss, expected_grads = loss_and_grads(steps.pop("floor"), params)
         assert len(expected_grads) == len(params) > 0 and all(g.abs().sum() > 0 for g in expected_grads)
         for name, loss in steps.items():
@@ -100,15 +101,15 @@ def test_amp_trains_under_bf16_on_cpu_with_float32_losses(make_config, tmp_path)
     x, y = data.x, data.y
     losses = {}
     for amp in (False, True):
-        run, s, plans = mnist_session(make_config, tmp_path, [f"amp={amp}"])
-        for stage in make_stages(["hint", "kd"], plans):
+        run, s, stages = mnist_session(make_config, tmp_path, [f"amp={amp}"])
+        for stage in stages:
             with autocast(run.cfg, run.device):
-                loss, _, _ = stage_loss(run.cfg, s, stage, x, y, 4.0, batch_targets(s, stage, x, None, None))
+                loss, _, _ = stage_loss(s, stage, x, y, weights_at(stage, 0), batch_targets(s, stage, x, None, None))
                 assert s.net(x).dtype == (torch.bfloat16 if amp else torch.float32)
             assert loss.dtype == torch.float32
-            losses[amp, stage.kind] = loss.item()
-    for kind in ("hint", "kd"):
-        assert losses[True, kind] == pytest.approx(losses[False, kind], rel=0.02)
+            losses[amp, stage.name] = loss.item()
+    for name in ("hint:conv4<-conv2", "kd"):
+        assert losses[True, name] == pytest.approx(losses[False, name], rel=0.02)
 
 
 def offsets(images, pad):

@@ -1,11 +1,18 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fitnets_cli.config.groups import KD
-from fitnets_cli.training.losses import hint_loss, kd_loss
-from fitnets_cli.training.schedules import lam_at
+from fitnets_cli.config.groups import KD, TermSpec
+from fitnets_cli.training.losses import hint_loss, kd_soft
+from fitnets_cli.training.terms import plan_term
+
+
+def lam_at(epoch, kd: KD) -> float:
+    """The kd term's weight (the paper's lam) at this epoch, as the term is planned from recipe.kd."""
+    cfg = SimpleNamespace(hints=None, recipe=SimpleNamespace(kd=kd))
+    return plan_term(TermSpec(term="kd"), [], cfg, None, None, "test").weight_at(epoch)
 
 
 def test_hint_loss_is_zero_for_identical_maps_and_half_the_squared_distance_otherwise():
@@ -16,7 +23,7 @@ def test_hint_loss_is_zero_for_identical_maps_and_half_the_squared_distance_othe
     assert hint_loss(a, b, "code").item() == pytest.approx(0.5 * 4 * 5)            # rows summed, rest averaged
 
 
-def test_kd_loss_matches_a_hand_computation():
+def test_kd_soft_term_matches_a_hand_computation():
     s = torch.tensor([[1.0, 2.0, 0.0]])
     t = torch.tensor([[3.0, 0.0, 0.0]])
     y = torch.tensor([1])
@@ -27,10 +34,8 @@ def test_kd_loss_matches_a_hand_computation():
     ps_tau = softmax([1 / 3, 2 / 3, 0.0])
     ce = -math.log(ps[1])
     soft = -sum(p * math.log(q) for p, q in zip(pt_tau, ps_tau))
-    total, got_ce, got_soft = kd_loss(s, t, y, tau, lam)
-    assert got_ce.item() == pytest.approx(ce, rel=1e-6)
-    assert got_soft.item() == pytest.approx(soft, rel=1e-6)
-    assert total.item() == pytest.approx(ce + lam * soft, rel=1e-6)   # no tau^2 factor
+    assert kd_soft(s, t, tau).item() == pytest.approx(soft, rel=1e-6)   # no tau^2 factor
+    assert torch.nn.functional.cross_entropy(s, y).item() == pytest.approx(ce, rel=1e-6)
 
 
 def test_lam_schedule_paper_and_code_settings(make_config):
@@ -61,13 +66,12 @@ def test_lam_overrides_in_the_recipes_replay_the_authors_schedule(start, saturat
     assert [lam_at(e, kd) for e in range(500)] == pytest.approx(expected, abs=1e-12)
 
 
-def test_kd_loss_of_bf16_logits_is_computed_in_float32():
+def test_kd_soft_term_of_bf16_logits_is_computed_in_float32():
     g = torch.Generator().manual_seed(0)
     student, teacher = (torch.randn(64, 10, generator=g).mul(5).bfloat16() for _ in range(2))
     labels = torch.randint(0, 10, (64,), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = kd_loss(student, teacher, labels, 3.0, 4.0)
-    expected = kd_loss(student.float(), teacher.float(), labels, 3.0, 4.0)
-    for a, b in zip(got, expected):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        got = kd_soft(student, teacher, 3.0)
+    expected = kd_soft(student.float(), teacher.float(), 3.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

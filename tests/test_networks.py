@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from fitnets_cli.config.commands import TrainConfig
-from fitnets_cli.config.groups import Dataset, HintPair, Hints, KD, Network, Optim, Recipe, Schedule
+from fitnets_cli.config.groups import Dataset, HintPair, Hints, KD, Network, Optim, Recipe, Schedule, StageSpec, TermSpec
 from fitnets_cli.data.splits import Resident
 from fitnets_cli.networks.build import build_network
 from fitnets_cli.networks.checkpoint import FORMAT
-from fitnets_cli.training.hints import default_tap, make_regressors, plan_hints
-from fitnets_cli.training.losses import hint_loss, kd_loss
-from fitnets_cli.training.stages import Session, make_stages, stage_loss
+from fitnets_cli.training.hints import default_tap
+from fitnets_cli.training.losses import hint_loss, kd_soft
+from fitnets_cli.training.stages import plan_stages, session, stage_loss, weights_at
 
 from helpers import (call, failure, in_stage, signal_when, start, tiny_overrides, tiny_run, train_stages, without_timing,
                      write_tiny_mnist)
@@ -153,24 +153,26 @@ def tiny_resnet_session(tmp_path, teacher_arch="resnet18"):
     hints = Hints(pairs=[HintPair()], regressor="conv_bn", reduction="mse")
     teacher = build_network(Network(name="t", arch=teacher_arch), (3, 16, 16), 10).eval().requires_grad_(False)
     student = build_network(Network(name="s", arch="resnet18"), (3, 16, 16), 10)
-    plans = plan_hints(teacher, student, hints.pairs, hints)
-
-    cfg = TrainConfig(command="train", hints=hints,
-                      schedule=Schedule(name="crd_fitnet", stages=["joint"], hint_weight=100.0),
+    # A hint stage and the CRD benchmark's joint stage (schedule=crd_fitnet).
+    schedule = Schedule(name="crd_fitnet", hint_weight=100.0, stages=[
+        StageSpec(name="hint", train="guided", per_pair=True, terms=[TermSpec(term="hint")]),
+        StageSpec(name="joint", terms=[TermSpec(term="ce"), TermSpec(term="hint")])])
+    cfg = TrainConfig(command="train", hints=hints, schedule=schedule,
                       recipe=Recipe(student=Optim(lr=0.1, optimizer="sgd"), teacher=Optim(lr=0.1), kd=KD()),
                       dataset=Dataset(name="x", family="x", num_classes=10, in_shape=[3, 16, 16], valid_size=0),
                       teacher_cache=False)
-    return tiny_run(cfg, tmp_path), Session(student, teacher, make_regressors(plans)), plans
+    stages = plan_stages(cfg, teacher, student)
+    return tiny_run(cfg, tmp_path), session(student, teacher, stages, torch.device("cpu")), stages
 
 
 def test_stage_one_changes_only_what_the_guided_tap_depends_on(tmp_path):
-    run, s, plans = tiny_resnet_session(tmp_path)
-    assert [p.guided for p in plans] == ["layer2"] and default_tap(s.net) == "layer2"
+    run, s, stages = tiny_resnet_session(tmp_path)
+    assert [p.guided for p in stages[0].plans] == ["layer2"] and default_tap(s.net) == "layer2"
     before = {k: v.clone() for k, v in s.net.state_dict().items()}
     teacher = {k: v.clone() for k, v in s.teacher.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     data = Resident(torch.rand(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g))
-    train_stages(run, s, make_stages(["hint"], plans), data, None, [1])
+    train_stages(run, s, stages[:1], data, None, [1])
     changed = {k for k, v in s.net.state_dict().items() if not torch.equal(v, before[k])}
     upto = ("model.conv1.", "model.bn1.", "model.layer1.", "model.layer2.")
     # every weight and running statistic up to layer2 moved (num_batches_tracked too); nothing after it
@@ -180,13 +182,15 @@ def test_stage_one_changes_only_what_the_guided_tap_depends_on(tmp_path):
 
 def test_crd_fitnet_loss_is_ce_plus_100_mse_through_conv_bn(tmp_path, make_config):
     cfg = make_config("train", ["schedule=crd_fitnet"])
-    assert (cfg.schedule.stages, cfg.schedule.hint_weight, cfg.hints.regressor, cfg.hints.reduction) == \
-        (["joint"], 100.0, "conv_bn", "mse")
-    run, s, plans = tiny_resnet_session(tmp_path, teacher_arch="resnet34")
-    [stage] = make_stages(["joint"], plans)
+    terms = [[(t.term, t.weight) for t in stage.terms] for stage in cfg.schedule.stages]
+    assert (terms, cfg.schedule.hint_weight, cfg.hints.regressor, cfg.hints.reduction) == \
+        ([[("ce", None), ("hint", None)]], 100.0, "conv_bn", "mse")
+    run, s, stages = tiny_resnet_session(tmp_path, teacher_arch="resnet34")
+    stage = stages[1]
+    assert [t.weight[0] for t in stage.terms] == [1.0, 100.0]
     x, y = torch.rand(4, 3, 16, 16), torch.tensor([1, 2, 3, 4])
     target = s.teacher.taps(x, ["layer2"])["layer2"]
-    loss, terms, logits = stage_loss(run.cfg, s, stage, x, y, 0.0, {"layer2": target})
+    loss, terms, logits = stage_loss(s, stage, x, y, weights_at(stage, 0), {"layer2": target})
     regressor = s.regressors["layer2"]
     assert [type(m).__name__ for m in regressor] == ["Conv2d", "BatchNorm2d", "ReLU"]
     guided = s.net.taps(x, ["layer2"])["layer2"]
@@ -200,9 +204,9 @@ def test_hinton_kd_matches_a_hand_computation():
     pt, ps = softmax([a / tau for a in (3.0, 0.0, 0.0)]), softmax([a / tau for a in (1.0, 2.0, 0.0)])
     kl = sum(p * math.log(p / q) for p, q in zip(pt, ps))
     ce = -math.log(softmax([1.0, 2.0, 0.0])[1])
-    total, got_ce, soft = kd_loss(s, t, y, tau, 0.9, form="hinton", ce_weight=0.1)
-    assert soft.item() == pytest.approx(kl * tau**2, rel=1e-6) and got_ce.item() == pytest.approx(ce, rel=1e-6)
-    assert total.item() == pytest.approx(0.1 * ce + 0.9 * kl * tau**2, rel=1e-6)
+    soft = kd_soft(s, t, tau, form="hinton")
+    assert soft.item() == pytest.approx(kl * tau**2, rel=1e-6)
+    assert torch.nn.functional.cross_entropy(s, y).item() == pytest.approx(ce, rel=1e-6)
     assert hint_loss(torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), "mse").item() == 1.0
 
 

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import HintPair, Network
 from fitnets_cli.networks.build import build_network
-from fitnets_cli.training.hints import default_tap, make_regressors, plan_hints
-from fitnets_cli.training.stages import Session, make_stages
+from fitnets_cli.training.hints import default_tap, plan_hints
+from fitnets_cli.training.stages import plan_stages, session
 from helpers import failure, main, random_split, tiny_overrides, tiny_run, train_stages, write_tiny_mnist
 
 SHAPE = (1, 28, 28)
@@ -84,21 +84,23 @@ def test_the_patch_embedding_and_position_embedding_train_in_stage_one():
 def test_hints_join_cnns_and_transformers_through_both_stages(make_config, tmp_path, teacher_arch, teacher_kwargs,
                                                                student_arch, student_kwargs, regressor):
     torch.manual_seed(0)
-    cfg = make_config("train", ["dataset=mnist", "hints.regressor=auto", "recipe.student.lr=0.001"])
+    cfg = make_config("train", ["dataset=mnist", "hints.regressor=auto", "recipe.student.lr=0.001",
+                                "hints.pairs=[{hint: null, guided: null}]"])   # each network's default tap
     teacher = timm_net(teacher_arch, **teacher_kwargs).eval().requires_grad_(False)
     student = timm_net(student_arch, **student_kwargs)
-    [plan] = plan_hints(teacher, student, [HintPair()], cfg.hints)
+    stages = plan_stages(cfg, teacher, student)   # schedule=fitnets: a hint stage, then KD
+    [plan] = stages[0].plans
     assert plan.regressor.endswith(regressor) or regressor in plan.regressor, plan.regressor
-    s = Session(student, teacher, make_regressors([plan]))
+    s = session(student, teacher, stages, torch.device("cpu"))
     before = {k: v.clone() for k, v in student.state_dict().items()}
     frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
     run = tiny_run(cfg, tmp_path)
-    [hint] = train_stages(run, s, make_stages(["hint"], [plan]), random_split(16, 0), None, [1])
+    [hint] = train_stages(run, s, stages[:1], random_split(16, 0), None, [1])
     moved = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     depends = {id(t) for m in student.depends(plan.guided) for t in [*m.parameters(), *m.buffers()]}
     assert moved and all(id(student.state_dict(keep_vars=True)[k]) in depends for k in moved)
     assert torch.isfinite(torch.tensor(hint["history"][0]["train_hint"]))
-    [kd] = train_stages(run, s, make_stages(["kd"], [plan]), random_split(16, 0), None, [1])
+    [kd] = train_stages(run, s, stages[1:], random_split(16, 0), None, [1])
     assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
     assert {"train_ce", "train_kd"} <= set(kd["history"][0])
 
@@ -275,15 +277,16 @@ def test_a_network_torch_fx_cannot_trace_is_read_with_forward_hooks_through_both
     assert not ran and torch.equal(body, student.model.body(student.model.stem(x) + student.model.offset))
     assert torch.equal(student.taps(x, [None])[None], student(x)) and ran == ["tail", "tail"]
     # Stage 1 trains what the guided tap depends on: the stem, the body and the model's own offset; not the rest.
-    cfg = make_config("train", ["dataset=mnist", "hints.regressor=auto", "recipe.student.lr=0.01"])
+    cfg = make_config("train", ["dataset=mnist", "hints.regressor=auto", "recipe.student.lr=0.01",
+                                "hints.pairs=[{hint: layer2, guided: body}]"])
     teacher = timm_net("test_resnet").eval().requires_grad_(False)
-    [plan] = plan_hints(teacher, student, [HintPair(hint="layer2", guided="body")], cfg.hints)
-    s = Session(student, teacher, make_regressors([plan]))
+    stages = plan_stages(cfg, teacher, student)
+    s = session(student, teacher, stages, torch.device("cpu"))
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    [hint] = train_stages(tiny_run(cfg, tmp_path), s, make_stages(["hint"], [plan]), random_split(16, 0), None, [1])
+    [hint] = train_stages(tiny_run(cfg, tmp_path), s, stages[:1], random_split(16, 0), None, [1])
     moved = {k.split(".")[1] for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert moved == {"offset", "stem", "body"}, moved
-    [kd] = train_stages(tiny_run(cfg, tmp_path), s, make_stages(["kd"], [plan]), random_split(16, 0), None, [1])
+    [kd] = train_stages(tiny_run(cfg, tmp_path), s, stages[1:], random_split(16, 0), None, [1])
     assert {k.split(".")[1] for k, v in student.state_dict().items() if not torch.equal(v, before[k])} >= {"tail", "head"}
 
 

@@ -7,8 +7,8 @@ from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import HintPair
 from fitnets_cli.networks.maxout import Net, build_net
 from fitnets_cli.networks.taps import Tapped
-from fitnets_cli.training.hints import make_regressors, plan_hints, regressor_params
-from fitnets_cli.training.stages import evaluate_stage, make_stages
+from fitnets_cli.training.hints import plan_hints, regressor_params
+from fitnets_cli.training.stages import evaluate_stage, plan_stages
 from helpers import main, mnist_session, random_split, train_stages
 
 
@@ -21,9 +21,9 @@ def changed(before, module):
 
 
 def test_stage_one_trains_only_the_guided_part_and_the_regressor(make_config, tmp_path):
-    run, s, plans = mnist_session(make_config, tmp_path)
+    run, s, stages = mnist_session(make_config, tmp_path)
     student, teacher, regressor = snapshot(s.net), snapshot(s.teacher), snapshot(s.regressors)
-    train_stages(run, s, make_stages(["hint"], plans), random_split(64, 0), None, [2])
+    train_stages(run, s, stages[:1], random_split(64, 0), None, [2])
     moved = changed(student, s.net)
     assert {k.split(".")[1] for k in moved} == {"conv1", "conv2", "conv3", "conv4"}
     assert not changed(teacher, s.teacher)
@@ -32,21 +32,21 @@ def test_stage_one_trains_only_the_guided_part_and_the_regressor(make_config, tm
 
 def test_hand_off_keeps_the_best_stage_one_weights_and_stage_two_trains_the_whole_student(make_config, tmp_path):
     # A large LR makes validation loss bounce, so the best epoch is not the last one.
-    run, s, plans = mnist_session(make_config, tmp_path, ["recipe.student.lr=0.01", "recipe.student.patience=50"])
+    run, s, stages = mnist_session(make_config, tmp_path, ["recipe.student.lr=0.01", "recipe.student.patience=50"])
     valid = random_split(64, 1)
-    [hint] = train_stages(run, s, make_stages(["hint"], plans), random_split(64, 0), valid, [4])
+    [hint] = train_stages(run, s, stages[:1], random_split(64, 0), valid, [4])
     losses = [r["valid_hint"] for r in hint["history"]]
     assert hint["best_epoch"] == losses.index(min(losses)) != len(losses) - 1
-    assert evaluate_stage(run.cfg, s, make_stages(["hint"], plans)[0], valid)["hint"] == pytest.approx(min(losses), rel=1e-5)
+    assert evaluate_stage(run.cfg, s, stages[0], valid)["hint"] == pytest.approx(min(losses), rel=1e-5)
     student, regressor = snapshot(s.net), snapshot(s.regressors)
-    train_stages(run, s, make_stages(["kd"], plans), random_split(64, 0), None, [1])
+    train_stages(run, s, stages[1:], random_split(64, 0), None, [1])
     assert {k.split(".")[1] for k in changed(student, s.net)} == set(s.net.layers)
     assert not changed(regressor, s.regressors)
 
 
 def test_retraining_without_validation_runs_the_given_epochs(make_config, tmp_path):
-    run, s, plans = mnist_session(make_config, tmp_path)
-    results = train_stages(run, s, make_stages(["hint", "kd"], plans), random_split(32, 0), None, [2, 3])
+    run, s, stages = mnist_session(make_config, tmp_path)
+    results = train_stages(run, s, stages, random_split(32, 0), None, [2, 3])
     assert [r["epochs"] for r in results] == [2, 3]
     assert [r["lam"] for r in results[1]["history"]] == [4.0, pytest.approx(4 - 3 / 149), pytest.approx(4 - 6 / 149)]
 
@@ -57,7 +57,11 @@ def test_several_hint_pairs_become_successive_stages_shallowest_first(make_confi
     student = build_net(cfg.student.layers, (3, 32, 32), 10)
     plans = plan_hints(teacher, student, [HintPair("conv2", "conv11"), HintPair("conv1", "conv5")], cfg.hints)
     assert [(p.guided, p.regressor) for p in plans] == [("conv5", "1x1 conv, maxout x2"), ("conv11", "2x2 conv, maxout x2")]
-    assert [s.name for s in make_stages(["hint", "kd"], plans)] == ["hint:conv5<-conv1", "hint:conv11<-conv2", "kd"]
+    cfg = make_config("train", ["dataset=cifar10", "student=fitnet4",
+                                "hints.pairs=[{hint: conv2, guided: conv11}, {hint: conv1, guided: conv5}]"])
+    stages = plan_stages(cfg, teacher, student)
+    assert [s.name for s in stages] == ["hint:conv5<-conv1", "hint:conv11<-conv2", "kd"]
+    assert [[p.guided for p in s.plans] for s in stages] == [["conv5"], ["conv11"], []]
     # The paper's FitNet 4 regressor: 2x2 maxout conv, 80 -> 192 x 2 pieces (~123K weights).
     assert regressor_params(plans[1]) == 2 * 2 * 80 * 192 * 2 + 192 * 2
 
@@ -89,15 +93,15 @@ def test_identical_shapes_need_no_regressor(make_config, tmp_path):
     twin = build_net([Layer(name="conv1", kind="conv", out=48, pieces=2, kernel=3, pad=1, pool=2),
                       Layer(name="softmax", kind="softmax")], (3, 32, 32), 10)
     [plan] = plan_hints(twin, student, [HintPair("conv1", "conv5")], cfg.hints)
-    assert regressor_params(plan) == 0 and not make_regressors([plan])
+    assert regressor_params(plan) == 0 and plan.make is None
     pair = plan_hints(teacher, student, [HintPair("conv2", "conv11")], cfg.hints)[0]
     assert regressor_params(pair) == 2 * 2 * 80 * 192 * 2 + 192 * 2
 
 
 def test_joint_stage_trains_the_whole_student_and_the_regressor_together(make_config, tmp_path):
-    run, s, plans = mnist_session(make_config, tmp_path, ["schedule=hint_joint"])
+    run, s, stages = mnist_session(make_config, tmp_path, ["schedule=hint_joint"])
     student, teacher, regressor = snapshot(s.net), snapshot(s.teacher), snapshot(s.regressors)
-    [result] = train_stages(run, s, make_stages(["joint"], plans), random_split(64, 0), None, [1])
+    [result] = train_stages(run, s, stages, random_split(64, 0), None, [1])
     assert {k.split(".")[1] for k in changed(student, s.net)} == set(s.net.layers)
     assert changed(regressor, s.regressors) == set(regressor) and not changed(teacher, s.teacher)
     assert {"train_ce", "train_hint", "train_acc"} <= set(result["history"][0])

@@ -30,11 +30,38 @@ CRD = {
     ("resnet32x4", "ShuffleV2"): (79.42, 71.82, 74.45, 73.54),
     ("wrn_40_2", "ShuffleV1"): (75.61, 70.50, 74.83, 73.73),
 }
-# (dataset, teacher, student) -> {method: published CIFAR-100 test accuracy %}: the CRD benchmark's, and the
-# FitNet figures of OFA's heterogeneous pairs (Hao et al., One-for-All KD, NeurIPS 2023, its CIFAR-100 table;
-# experiment=ofa_cifar100), a one-stage imitation, crd_fitnet here.
-PUBLISHED = {("cifar100", *pair): dict(zip(("teacher", "backprop", "kd", "crd_fitnet"), figures))
+# The same README's AT, SP and PKT rows (attention transfer, Zagoruyko & Komodakis, ICLR 2017; similarity-
+# preserving, Tung & Mori, ICCV 2019; probabilistic knowledge transfer, Passalis & Tefas, ECCV 2018), which
+# schedule=at, sp and pkt run with the weights of its scripts/run_cifar_distill.sh.
+HINT_FAMILY = {
+    ("wrn_40_2", "wrn_16_2"): (74.08, 73.83, 74.54),
+    ("wrn_40_2", "wrn_40_1"): (72.77, 72.43, 73.45),
+    ("resnet56", "resnet20"): (70.55, 69.67, 70.34),
+    ("resnet110", "resnet20"): (70.22, 70.04, 70.25),
+    ("resnet110", "resnet32"): (72.31, 72.69, 72.61),
+    ("resnet32x4", "resnet8x4"): (73.44, 72.94, 73.64),
+    ("vgg13", "vgg8"): (71.43, 72.68, 72.88),
+    ("vgg13", "MobileNetV2"): (59.40, 66.30, 67.13),
+    ("ResNet50", "MobileNetV2"): (58.58, 68.08, 66.52),
+    ("ResNet50", "vgg8"): (71.84, 73.34, 73.01),
+    ("resnet32x4", "ShuffleV1"): (71.73, 73.48, 74.10),
+    ("resnet32x4", "ShuffleV2"): (72.73, 74.56, 74.69),
+    ("wrn_40_2", "ShuffleV1"): (73.32, 74.52, 73.89),
+}
+# Decoupled KD (Zhao et al., CVPR 2022) on CIFAR-100, from the README of its code, megvii-research/mdistiller
+# (schedule=dkd). resnet32x4 -> MobileNetV2 is a pair of its own, not of the CRD benchmark.
+DKD = {("resnet56", "resnet20"): 71.97, ("resnet110", "resnet32"): 74.11, ("resnet32x4", "resnet8x4"): 76.32,
+       ("wrn_40_2", "wrn_16_2"): 76.23, ("wrn_40_2", "wrn_40_1"): 74.81, ("vgg13", "vgg8"): 74.68,
+       ("resnet32x4", "ShuffleV1"): 76.45, ("wrn_40_2", "ShuffleV1"): 76.70, ("vgg13", "MobileNetV2"): 69.71,
+       ("ResNet50", "MobileNetV2"): 70.35, ("resnet32x4", "MobileNetV2"): 77.07}
+# (dataset, teacher, student) -> {method: published CIFAR-100 test accuracy %}: the CRD benchmark's and DKD's,
+# and the FitNet figures of OFA's heterogeneous pairs (Hao et al., One-for-All KD, NeurIPS 2023, its CIFAR-100
+# table; experiment=ofa_cifar100), a one-stage imitation, crd_fitnet here.
+PUBLISHED = {("cifar100", *pair): dict(zip(("teacher", "backprop", "kd", "crd_fitnet", "at", "sp", "pkt"),
+                                           figures + HINT_FAMILY[pair]))
              for pair, figures in CRD.items()}
+for pair, figure in DKD.items():
+    PUBLISHED.setdefault(("cifar100", *pair), {})["dkd"] = figure
 PUBLISHED.update({
     ("cifar100_224", "swin_tiny_patch4_window7_224", "resnet18"): {"crd_fitnet": 78.87},
     ("cifar100_224", "vit_small_patch16_224", "resnet18"): {"crd_fitnet": 77.71},
@@ -42,11 +69,13 @@ PUBLISHED.update({
     ("cifar100_224", "convnext_tiny", "deit_tiny_patch16_224"): {"crd_fitnet": 60.78},
 })
 SOURCES = {"cifar100": "the CRD paper's Tables 1-2 (Tian et al., ICLR 2020; HobbitLong/RepDistiller), last epoch, "
-                       "trained on all 50,000 training images; its FitNet is crd_fitnet here",
+                       "trained on all 50,000 training images; its FitNet is crd_fitnet here; DKD from "
+                       "megvii-research/mdistiller's README",
            "cifar100_224": "OFA's CIFAR-100 table (Hao et al., NeurIPS 2023; Hao840/OFAKD), its one-stage FitNet "
                            "(crd_fitnet here)"}
 METHODS = {"teacher": "teacher", "backprop": "student (backprop)", "kd": "KD", "hint_joint": "hint_joint",
-           "crd_fitnet": "FitNet (crd_fitnet)", "fitnets": "FitNets, two stages (fitnets)"}
+           "crd_fitnet": "FitNet (crd_fitnet)", "at": "AT", "sp": "SP", "pkt": "PKT", "dkd": "DKD",
+           "at_kd": "AT + KD", "fitnets": "FitNets, two stages (fitnets)"}
 
 
 def benchmark_records(rows: list[dict]) -> list[dict]:

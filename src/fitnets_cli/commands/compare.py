@@ -40,7 +40,7 @@ COLUMNS = {
     "gap_teacher": "vs teacher", "gap_backprop": "vs backprop",
 }
 TEXT_COLUMNS = ("model", "teacher", "schedule", "variant", "dataset")
-SCHEDULE_ORDER = ("", "backprop", "kd", "hint_joint", "crd_fitnet", "fitnets")
+SCHEDULE_ORDER = ("", "backprop", "kd", "hint_joint", "crd_fitnet", "at", "sp", "pkt", "dkd", "at_kd", "fitnets")
 # Config keys that do not change what a run measures: runs that differ only in these (and the seed) group.
 # (checkpoint, students ... speed: keys that the configs of runs made before each command had its own schema held.)
 NOT_IDENTITY = ("seed", "command", "device", "counting", "checkpoint", "eval_batch_size", "students", "runs",

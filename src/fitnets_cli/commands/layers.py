@@ -1,4 +1,5 @@
-"""`fitnets layers`: the tap points of a teacher and a student, the default hint pair and the hint plan."""
+"""`fitnets layers`: the tap points of a teacher and a student, the default hint pair, the hint plan and the
+schedule's stages."""
 
 from rich.table import Table
 
@@ -6,6 +7,7 @@ from fitnets_cli.config.commands import LayersConfig
 from fitnets_cli.networks.build import build_network
 from fitnets_cli.runtime.ui import console
 from fitnets_cli.training.hints import default_tap, fmt, plan_hints, plan_table
+from fitnets_cli.training.stages import plan_stages, stage_table
 
 
 def tap_table(net, role: str, marked: set[str]) -> Table:
@@ -27,8 +29,8 @@ def tap_table(net, role: str, marked: set[str]) -> Table:
 
 
 def layers_command(cfg: LayersConfig) -> dict:
-    """Print the teacher's and the student's taps, and the plan of hints.pairs (default pair if unset); return
-    the taps' shapes and the plan."""
+    """Print the teacher's and the student's taps, the plan of hints.pairs (default pair if unset) and the
+    schedule's stages; return the taps' shapes, the plan and the stages."""
     shape, classes = cfg.dataset.in_shape, cfg.dataset.num_classes
     teacher = build_network(cfg.teacher, shape, classes)
     student = build_network(cfg.student, shape, classes)
@@ -41,10 +43,14 @@ def layers_command(cfg: LayersConfig) -> dict:
                   f"{default(cfg.student.guided, student)}")
     plans = plan_hints(teacher, student, pairs, cfg.hints)
     console.print(plan_table(plans))
+    stages = plan_stages(cfg, teacher, student)
+    console.print(stage_table(stages))
     return {"teacher": {tap: list(shape) for tap, shape in teacher.shapes.items()},
             "student": {tap: list(shape) for tap, shape in student.shapes.items()},
             "plans": [{"hint": p.hint, "guided": p.guided, "hint_shape": list(p.hint_shape),
-                       "guided_shape": list(p.guided_shape), "regressor": p.regressor} for p in plans]}
+                       "guided_shape": list(p.guided_shape), "regressor": p.regressor} for p in plans],
+            "stages": [{"name": st.name, "trains": st.describe(), "terms": [t.describe() for t in st.terms]}
+                       for st in stages]}
 
 
 def default(configured: str | None, net) -> str:

@@ -133,6 +133,8 @@ class LayersConfig(Common):
     teacher: Teacher = MISSING
     student: Student = MISSING
     hints: Hints = MISSING
+    schedule: Schedule = MISSING
+    recipe: Recipe = MISSING            # (the kd term's tau and lam)
 
 
 # command -> its primary config in conf/

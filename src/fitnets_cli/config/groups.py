@@ -289,15 +289,74 @@ class Hints:
         one_of(self.regressor, ("paper", "conv_bn", "1x1", "auto"), "hints.regressor")
 
 
+# The built-in loss terms (training/terms.py's TERMS, which a test keeps equal to this).
+TERMS = ("ce", "kd", "hint", "at", "sp", "pkt", "dkd")
+
+
 @dataclass
-class Schedule:
-    name: str = MISSING
-    stages: List[str] = MISSING         # hint | kd | ce | joint, run in order
-    hint_weight: float = 1.0            # the hint loss's weight: hint_weight * hint (hint), ce + that (joint)
+class TermSpec:
+    """One weighted term of a stage's loss: a built-in (`term`) or your own (`_target_`, a dotted path to a
+    function or an nn.Module class; docs/methods.md gives the signature)."""
+    term: Optional[str] = None          # ce | kd | hint | at | sp | pkt | dkd
+    _target_: Optional[str] = None
+    name: Optional[str] = None          # in logs (train_<name>); None: the term, or the callable's name
+    # None: 1, except kd's, the paper's lam (recipe.kd's lam_start to lam_end over its epochs), and hint's,
+    # schedule.hint_weight
+    weight: Optional[float] = None
+    weight_end: Optional[float] = None  # set: the weight moves linearly from weight to weight_end ...
+    ramp: List[int] = field(default_factory=lambda: [0, 0])   # ... between these (0-based) epochs of the stage
+    # The taps it reads, by name (`fitnets layers`); logits: the network's output. None: the term's default
+    # (ce, kd, dkd: the logits; the others, and yours: the hint pairs, guided taps and hint taps).
+    student: Optional[List[str]] = None
+    teacher: Optional[List[str]] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)   # its settings (tau, p, ...); kd: recipe.kd's by default
 
     def __post_init__(self):
-        for stage in self.stages:
-            one_of(stage, ("hint", "kd", "ce", "joint"), "schedule.stages entry")
+        require((self.term is None) != (self._target_ is None), "a loss term sets one of term (a built-in: "
+                f"{', '.join(TERMS)}) and _target_ (a dotted path to your own), got "
+                f"{'both' if self.term else 'neither'}")
+        if self.term is not None:
+            one_of(self.term, TERMS, "term")
+        self.name = self.name or self.term or self._target_.rsplit(".", 1)[-1]
+        require(all(w is None or w >= 0 for w in (self.weight, self.weight_end)),
+                f"term {self.name}: weights must be >= 0 (got {self.weight}, {self.weight_end}); drop the term to "
+                "turn it off")
+        require(self.weight_end is None or self.weight is not None, f"term {self.name}: weight_end needs weight")
+        require(len(self.ramp) == 2 and 0 <= self.ramp[0] <= self.ramp[1],
+                f"term {self.name}: ramp must be [first, last] epochs with 0 <= first <= last, got {self.ramp}")
+
+
+@dataclass
+class StageSpec:
+    """One stage of a schedule: what it trains and its loss, a weighted sum of terms."""
+    name: Optional[str] = None          # None: its terms, joined by +
+    # student: all of it. guided: the student up to the taps its terms read (the paper's stage 1), plus
+    # their regressors; validated on its loss, not on error. modules: the student's modules named in modules.
+    train: str = "student"
+    modules: List[str] = field(default_factory=list)   # train=modules: module-name prefixes (`fitnets layers`)
+    per_pair: bool = False              # one stage per hint pair, shallowest guided tap first (Algorithm 1)
+    terms: List[TermSpec] = MISSING
+
+    def __post_init__(self):
+        self.name = self.name or "+".join(t.name for t in self.terms)
+        one_of(self.train, ("student", "guided", "modules"), f"stage {self.name}: train")
+        require(bool(self.modules) == (self.train == "modules"), f"stage {self.name}: train=modules takes "
+                "modules=[prefix, ...] (and modules goes with train=modules only)")
+        require(bool(self.terms), f"stage {self.name}: terms is empty; give at least one loss term")
+        names = [t.name for t in self.terms]
+        require(len(set(names)) == len(names), f"stage {self.name}: two terms are named {', '.join(names)}; "
+                "give each a name")
+
+
+@dataclass
+class Schedule:
+    name: str = MISSING                 # the method's name, which compare groups runs by
+    stages: List[StageSpec] = MISSING   # run in order (conf/schedule/ has the presets)
+    hint_weight: float = 1.0            # the weight of the hint terms that set none
+
+    def __post_init__(self):
+        require(bool(self.stages), f"schedule {self.name}: stages is empty")
+        require(self.hint_weight >= 0, f"schedule.hint_weight must be >= 0, got {self.hint_weight}")
 
 
 @dataclass

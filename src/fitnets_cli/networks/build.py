@@ -4,6 +4,7 @@
   shapes                  {tap: output shape, (C, H, W) or (units,)}, in forward order, probed by one pass
   taps(x, names)          {tap: output} (None: the logits), computed no deeper than the last tap needs
   depends(tap)            the modules whose parameters and buffers that output depends on (stage 1 trains them)
+  submodules(prefix)      the modules whose path starts with prefix (a stage with train=modules trains them)
   nonlinearity(tap)       ("maxout", pieces) | ("relu", 1) | ("linear", 1): what the paper's regressor copies
   hint_point              the tap the network names as its default hint/guided point (a `hint_point`
                           attribute of the module, as the zoo's), or None

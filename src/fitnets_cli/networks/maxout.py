@@ -10,6 +10,7 @@ from torch import nn
 
 from fitnets_cli.config.errors import ConfigError
 from fitnets_cli.config.groups import Layer
+from fitnets_cli.networks.taps import under
 
 
 class Maxout(torch.autograd.Function):
@@ -148,6 +149,10 @@ class Net(nn.Module):
         """The layers up to and including `name`: what a hint stage trains."""
         order = list(self.layers)
         return [self.layers[n] for n in order[: order.index(name) + 1]]
+
+    def submodules(self, prefix: str) -> list[nn.Module]:
+        """The layers whose name starts with prefix."""
+        return under(self.layers, prefix)
 
     def nonlinearity(self, name: str) -> tuple[str, int]:
         """The tap's non-linearity, which the paper's regressor copies: maxout and its pieces."""

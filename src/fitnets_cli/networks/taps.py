@@ -98,6 +98,10 @@ class Tapped(nn.Module):
         depends on (with a transformer's class token and position embedding, which are the model's own)."""
         return [self._extract({self._node[name]})]
 
+    def submodules(self, prefix: str) -> list[nn.Module]:
+        """The model's modules whose path starts with prefix (outermost only)."""
+        return under(self.model, prefix)
+
     def nonlinearity(self, name: str) -> tuple[str, int]:
         """relu where the tap is a ReLU's output (a module or F.relu), else linear."""
         node = call_of(self._node[name])
@@ -208,6 +212,10 @@ class Hooked(nn.Module):
                 holder.register_buffer(key.replace(".", "_"), b)
         return [modules[p] for p in sorted(outermost)] + [holder]
 
+    def submodules(self, prefix: str) -> list[nn.Module]:
+        """The model's modules whose path starts with prefix (outermost only)."""
+        return under(self.model, prefix)
+
     def nonlinearity(self, name: str) -> tuple[str, int]:
         """relu where the tap is a ReLU module's output, else linear."""
         return ("relu", 1) if isinstance(self.model.get_submodule(name), nn.ReLU) else ("linear", 1)
@@ -215,6 +223,19 @@ class Hooked(nn.Module):
     def compile(self, **kwargs) -> None:
         """torch.compile the model's forward."""
         self.model.compile(**kwargs)
+
+
+def under(model: nn.Module, prefix: str) -> list[nn.Module]:
+    """The modules whose path starts with prefix, less those inside another of them; none is a one-line error
+    naming the closest paths."""
+    found = [(n, m) for n, m in model.named_modules() if n and n.startswith(prefix)]
+    outer = [m for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+    if not outer:
+        paths = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(prefix, paths, n=6, cutoff=0.5)
+        raise ConfigError(f"no module of the student starts with {prefix!r}; closest: {', '.join(close) or 'none'} "
+                          "(`fitnets layers` lists its taps, by module path)")
+    return outer
 
 
 def landmarks(model: nn.Module, shapes: dict, name: str) -> tuple[list[str], list[str], str | None]:

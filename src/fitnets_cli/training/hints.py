@@ -172,11 +172,6 @@ def plan(hint: str, guided: str, teacher, guided_shape: tuple, hints) -> HintPla
     return HintPlan(hint, guided, hint_shape, guided_shape, what, make)
 
 
-def make_regressors(plans: list[HintPlan]) -> nn.ModuleDict:
-    """guided tap -> regressor, for the pairs that need one."""
-    return nn.ModuleDict({key(p.guided): p.make() for p in plans if p.make})
-
-
 def key(tap: str) -> str:
     """A tap name as a ModuleDict key (which may not contain dots)."""
     return tap.replace(".", ":")

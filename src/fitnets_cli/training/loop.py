@@ -21,8 +21,9 @@ from fitnets_cli.runtime.ui import console
 from fitnets_cli.training import resume
 from fitnets_cli.training.evaluate import evaluate
 from fitnets_cli.training.resume import Interrupted, Progress
-from fitnets_cli.training.schedules import lam_at, lr_at, momentum_at
-from fitnets_cli.training.stages import Session, Stage, autocast, batch_targets, evaluate_stage, stage_loss, teacher_cache, trained_modules
+from fitnets_cli.training.schedules import lr_at, momentum_at
+from fitnets_cli.training.stages import (Session, Stage, autocast, batch_targets, evaluate_stage, logged_weights,
+                                         stage_loss, teacher_cache, trained_modules, validation_score, weights_at)
 
 
 @dataclass
@@ -57,7 +58,7 @@ def fit(run: Run, build, stages: list[Stage], state: dict | None, resume_command
                 torch.manual_seed(cfg.seed * 1_000_003 + dist.rank() * 10_007 + offset)
             if progress.phase == 0:
                 train, valid = data.train, data.valid
-                epochs = [cfg.recipe.hint_epochs if st.kind == "hint" and cfg.recipe.hint_epochs else run.optim.max_epochs
+                epochs = [cfg.recipe.hint_epochs if st.guided and cfg.recipe.hint_epochs else run.optim.max_epochs
                           for st in stages]
             else:
                 train, valid = data.train + data.valid, None
@@ -85,7 +86,7 @@ def train_stage(run: Run, s: Session, stage: Stage, train, valid, max_epochs: in
     open_stage(run, s, stage, modules, progress, name)
     aug = augmentation(run)
     cache = teacher_cache(cfg, s, stage, train, aug.random)
-    valid_cache = teacher_cache(cfg, s, stage, valid, False) if valid is not None and stage.kind == "hint" else None
+    valid_cache = teacher_cache(cfg, s, stage, valid, False) if valid is not None and stage.guided else None
     if cache is not None:
         console.print(f"{name}: teacher outputs computed once for the {len(train)} training images "
                       "(no augmentation); no teacher pass in the training steps")
@@ -128,7 +129,7 @@ def batches_per_epoch(n: int, optim: Optim, name: str) -> int:
 
 def open_stage(run: Run, s: Session, stage: Stage, modules, progress: Progress, name: str) -> None:
     """The stage's optimiser over the modules it trains: fresh where the stage starts, else the stopped run's."""
-    s.optimizer = make_optimizer(modules, list(s.regressors.values()), run.optim)
+    s.optimizer = make_optimizer(modules, list(s.regressors.values()) + list(s.terms.values()), run.optim)
     if progress.optimizer is None:
         progress.start_stage(run.device)
         progress.stages_started += 1
@@ -150,11 +151,12 @@ def close_epoch(run: Run, s: Session, stage: Stage, name: str, modules, record: 
             raise ConfigError(f"stage {name}, epoch {progress.epoch}: the {k[6:]} loss is {v}; the last good "
                               "checkpoint is kept; lower the LR (recipe.student.lr / recipe.teacher.lr) "
                               "or check the teacher checkpoint")
-    if stage.kind != "hint":
+    if not stage.guided:
         record["train_acc"] = dist.sum_(torch.as_tensor(progress.correct, device=run.device)).item() / seen
     if valid is not None:
-        record.update({f"valid_{k}": v for k, v in evaluate_stage(run.cfg, s, stage, valid, valid_cache).items()})
-        score = record["valid_hint"] if stage.kind == "hint" else record["valid_error"]
+        record.update({f"valid_{k}": v for k, v in evaluate_stage(run.cfg, s, stage, valid, valid_cache,
+                                                                  progress.epoch).items()})
+        score = validation_score(stage, record, progress.epoch)
         if score < progress.best["score"]:
             progress.best = {"score": score, "epoch": progress.epoch, "state": snapshot_weights(modules)}
     progress.history.append(record)
@@ -169,13 +171,13 @@ def close_epoch(run: Run, s: Session, stage: Stage, name: str, modules, record: 
 def close_stage(run: Run, s: Session, stage: Stage, name: str, modules, valid, progress: Progress) -> dict:
     """The stage's result: the last epoch's test score, taken before the best epoch's weights come back."""
     test = run.data.test
-    test_last = evaluate(s.net, test, run.cfg.eval_batch_size) if test is not None and stage.kind != "hint" else None
+    test_last = evaluate(s.net, test, run.cfg.eval_batch_size) if test is not None and not stage.guided else None
     best = progress.best
     if best["state"] is not None:
         restore_weights(modules, best["state"])
     s.optimizer = None
     console.print(f"[bold]{name}[/]: {len(progress.history)} epochs" +
-                  (f", best validation {'hint loss' if stage.kind == 'hint' else 'error'} "
+                  (f", best validation {'loss' if stage.guided else 'error'} "
                    f"{best['score']:.4g} at epoch {best['epoch']}" if valid is not None else ""))
     return {"name": name, "epochs": len(progress.history), "best_epoch": best["epoch"],
             "best_valid": best["score"] if valid is not None else None, "test_last": test_last,
@@ -185,13 +187,13 @@ def close_stage(run: Run, s: Session, stage: Stage, name: str, modules, valid, p
 def train_epoch(run: Run, s: Session, stage: Stage, modules, train, cache, progress: Progress, per_epoch: int,
                 advance) -> dict:
     """Train one epoch from batch progress.batch, adding up its loss terms; after the step in which a signal
-    arrived, save and raise Interrupted. Returns the epoch's lr (at its last update) and lam, the images
-    trained per second and the share of that time spent waiting for data."""
+    arrived, save and raise Interrupted. Returns the epoch's lr (at its last update) and scheduled weights, the
+    images trained per second and the share of that time spent waiting for data."""
     cfg, optim, opt = run.cfg, run.optim, s.optimizer
     aug = augmentation(run)
     params = [p for m in modules for p in m.parameters()]
     constrained = constraints(modules)
-    lam = lam_at(progress.epoch, cfg.recipe.kd) if stage.kind == "kd" else 0.0
+    weights = weights_at(stage, progress.epoch)
     lr = set_hyper(opt, optim, progress.epoch, progress.epoch * per_epoch + progress.batch)
     waited, images, started = [0.0], 0, time.perf_counter()
     batches = train.batches(optim.batch_size, progress.order, progress.batch, per_epoch,
@@ -202,7 +204,7 @@ def train_epoch(run: Run, s: Session, stage: Stage, modules, train, cache, progr
             x = augment(x, aug.pad, aug.flip)
         with autocast(cfg, run.device):
             targets = batch_targets(s, stage, x, cache, idx)
-            loss, terms, logits = stage_loss(cfg, s, stage, x, y, lam, targets)
+            loss, terms, logits = stage_loss(s, stage, x, y, weights, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.reduce_gradients(params, len(idx) / size)
@@ -222,7 +224,7 @@ def train_epoch(run: Run, s: Session, stage: Stage, modules, train, cache, progr
     if run.device.type == "cuda":   # the steps run asynchronously: time them to their end
         torch.cuda.synchronize(run.device)
     spent = time.perf_counter() - started
-    return {"lr": lr, **({"lam": lam} if stage.kind == "kd" else {}), "images_s": images / spent,
+    return {"lr": lr, **logged_weights(stage, weights), "images_s": images / spent,
             "data_wait": waited[0] / spent}
 
 

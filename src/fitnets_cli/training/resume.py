@@ -15,7 +15,7 @@ from fitnets_cli.runtime import dist
 from fitnets_cli.runtime.files import DiskFull, atomic_write
 from fitnets_cli.training.stages import Session
 
-FORMAT = "fitnets-resume-3"   # 3: one Progress record; 2: best weights kept per trained module
+FORMAT = "fitnets-resume-4"   # 4: the terms' own modules; 3: one Progress record; 2: best weights per module
 
 
 def fresh_best() -> dict:
@@ -66,7 +66,7 @@ def save(run, s: Session, progress: Progress, mid_epoch: bool = False) -> None:
                     optimizer=s.optimizer.state_dict() if s.optimizer is not None else None)
     state = {"format": FORMAT, "progress": {f.name: getattr(saved, f.name) for f in fields(saved)},
              "student": s.net.state_dict(),   # (the trained network's key, whichever role it has)
-             "regressors": s.regressors.state_dict(), "rng": torch.get_rng_state(),
+             "regressors": s.regressors.state_dict(), "terms": s.terms.state_dict(), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     atomic_write(run.dir / "checkpoints" / "last.pt", lambda tmp: torch.save(state, tmp))
     run.tb.flush()   # the logged epochs survive a SIGKILL along with the checkpoint
@@ -92,6 +92,7 @@ def restore(s: Session, state: dict) -> Progress:
     """Put a freshly built session's weights and the RNG back where `state` was saved; return its progress."""
     s.net.load_state_dict(state["student"])
     s.regressors.load_state_dict(state["regressors"])
+    s.terms.load_state_dict(state["terms"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -1,9 +1,9 @@
 """The schedules of a stage as pure functions of the position in it: the LR and SGD's momentum by epoch and
-update (the recipe's Optim), and the KD weight lam by epoch (paper section 2.1)."""
+update (the recipe's Optim). A loss term's weight follows its own ramp (terms.Term.weight_at)."""
 
 import math
 
-from fitnets_cli.config.groups import KD, Optim
+from fitnets_cli.config.groups import Optim
 
 
 def ramp(epoch: int, saturate: int) -> float:
@@ -30,13 +30,3 @@ def lr_at(optim: Optim, epoch: int, update: int) -> float:
 def momentum_at(optim: Optim, epoch: int) -> float:
     """SGD's momentum at this epoch: momentum, moving linearly to momentum_final by momentum_saturate."""
     return optim.momentum + (optim.momentum_final - optim.momentum) * ramp(epoch, optim.momentum_saturate)
-
-
-def lam_at(epoch: int, kd: KD) -> float:
-    """lam for a (0-based) stage-2 epoch: lam_start until lam_start_epoch, then linear to lam_end."""
-    if epoch <= kd.lam_start_epoch:
-        return kd.lam_start
-    if epoch >= kd.lam_end_epoch:
-        return kd.lam_end
-    t = (epoch - kd.lam_start_epoch) / (kd.lam_end_epoch - kd.lam_start_epoch)
-    return kd.lam_start + (kd.lam_end - kd.lam_start) * t

@@ -17,10 +17,11 @@ from fitnets_cli.networks.checkpoint import load_payload
 from fitnets_cli.runtime import dist
 from fitnets_cli.runtime.files import atomic_write
 from fitnets_cli.runtime.ui import console
-from fitnets_cli.training.hints import HintPlan, make_regressors, plan_hints, plan_table
+from fitnets_cli.training.hints import plan_table
 from fitnets_cli.training.loop import Run, fit
 from fitnets_cli.training.rundir import finish, prepare, provenance, tensorboard
-from fitnets_cli.training.stages import Session, Stage, make_stages
+from fitnets_cli.training.stages import Session, Stage, backprop_stage, plan_stages, session, stage_table
+from fitnets_cli.training.terms import needs_teacher
 
 
 @dataclass
@@ -45,11 +46,11 @@ class Built:
 
 @dataclass
 class Networks:
-    """A run's networks, each built and traced once from the configs, and its hint plan, made before any
-    teacher is looked up or trained (so a misspelt layer is reported at once)."""
+    """A run's networks, each built and traced once from the configs, and its planned stages, made before any
+    teacher is looked up or trained (so a misspelt layer or a term that refuses its inputs is reported at once)."""
     trained: Built                      # the network the command trains: the student, or train-teacher's teacher
     teacher: Built | None = None        # train's frozen teacher, before its trained weights are loaded
-    plans: list[HintPlan] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
 
 
 def build(spec, cfg: TrainingConfig, optim) -> Built:
@@ -61,17 +62,15 @@ def build(spec, cfg: TrainingConfig, optim) -> Built:
 
 
 def networks(cfg: TrainingConfig) -> Networks:
-    """The networks of a `train` or `train-teacher` config and, for hint stages, the plan of its hint pairs. The
-    teacher is built as train-teacher builds it, so that teacher.auto_train can train this very network."""
+    """The networks of a `train` or `train-teacher` config and the schedule's planned stages. The teacher is built
+    (where a term reads it) as train-teacher builds it, so that teacher.auto_train can train this very network."""
     teacher = None
-    if cfg.command == "train-teacher" or {"hint", "kd", "joint"} & set(cfg.schedule.stages):
+    if cfg.command == "train-teacher" or needs_teacher(cfg.schedule):
         teacher = build(cfg.teacher, cfg, cfg.recipe.teacher)
     if cfg.command == "train-teacher":
         return Networks(teacher)
     student = build(cfg.student, cfg, cfg.recipe.student)
-    plans = plan_hints(teacher.net, student.net, cfg.hints.pairs, cfg.hints) \
-        if {"hint", "joint"} & set(cfg.schedule.stages) else []
-    return Networks(student, teacher, plans)
+    return Networks(student, teacher, plan_stages(cfg, teacher and teacher.net, student.net))
 
 
 def train_student(cfg: TrainConfig, run_dir: Path | None = None, built: Networks | None = None) -> dict:
@@ -82,8 +81,10 @@ def train_student(cfg: TrainConfig, run_dir: Path | None = None, built: Networks
     built = networks(cfg) if built is None or cfg.resume else built   # a resumed run's config is its saved one
     device = dist.pick_device(cfg.device)
     optim = cfg.recipe.student
-    if built.plans:
-        console.print(plan_table(built.plans))
+    console.print(stage_table(built.stages))
+    plans = [p for stage in built.stages for p in stage.plans]
+    if plans:
+        console.print(plan_table(list({p.guided: p for p in plans}.values())))
     teacher, teacher_file = None, None
     if built.teacher is not None:
         if cfg.teacher.auto_train and not cfg.teacher.weights and not teacher_path(cfg).is_file():
@@ -99,13 +100,13 @@ def train_student(cfg: TrainConfig, run_dir: Path | None = None, built: Networks
 
     def start() -> Session:
         built.trained.start()
-        return Session(student, teacher, make_regressors(built.plans).to(device))
+        return session(student, teacher, built.stages, device)
 
-    s, result = fit(run, start, make_stages(cfg.schedule.stages, built.plans), state, f"fitnets train resume={run_dir}")
-    for guided, regressor in s.regressors.items():
-        # Kept apart from the student (Algorithm 1 drops it), for inspection or reuse.
-        atomic_write(run_dir / "checkpoints" / f"regressor-{guided}.pt",
-                     lambda tmp: torch.save(regressor.state_dict(), tmp))
+    s, result = fit(run, start, built.stages, state, f"fitnets train resume={run_dir}")
+    # Kept apart from the student (Algorithm 1 drops the regressors), for inspection or reuse.
+    for name, module in [(f"regressor-{k}", m) for k, m in s.regressors.items()] + \
+                        [(f"term-{k}", m) for k, m in s.terms.items()]:
+        atomic_write(run_dir / "checkpoints" / f"{name}.pt", lambda tmp: torch.save(module.state_dict(), tmp))
     return finish(run, s, result, "student", cfg.student.name, started, made_by)
 
 
@@ -128,7 +129,7 @@ def train_teacher(cfg: TrainingConfig, run_dir: Path | None = None, resume_comma
         return Session(net)
 
     made_by = provenance(cfg)   # taken at the start: the checkout may change while a long run trains
-    s, result = fit(run, start, [Stage("ce")], state, resume_command or f"fitnets {cfg.command} resume={run_dir}")
+    s, result = fit(run, start, [backprop_stage()], state, resume_command or f"fitnets {cfg.command} resume={run_dir}")
     return finish(run, s, result, "teacher", cfg.teacher.name, started, made_by, store=teacher_path(cfg))
 
 
