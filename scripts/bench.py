@@ -60,7 +60,7 @@ from fitnets_cli.data.splits import Splits
 from fitnets_cli.networks.build import build_network
 from fitnets_cli.runtime.dist import pick_device
 from fitnets_cli.training.evaluate import evaluate
-from fitnets_cli.training.hints import key
+from fitnets_cli.training.hints import key as regressor_key
 from fitnets_cli.training.loop import Run, augmentation, make_optimizer, train_stage
 from fitnets_cli.training.losses import hint_loss, kd_soft
 from fitnets_cli.training.resume import Progress
@@ -96,8 +96,8 @@ def sync(device):
 def method_loss(cfg, s, plan, t, out, y):
     """The stage's loss from the teacher's and the student's outputs (`plan`: the hint stage's pair, else KD)."""
     if plan:
-        guided = out[plan.guided]
-        pred = s.regressors[key(plan.guided)](guided) if key(plan.guided) in s.regressors else guided
+        guided, name = out[plan.guided], regressor_key(plan.guided)
+        pred = s.regressors[name](guided) if name in s.regressors else guided
         return 1.0 * hint_loss(t[plan.hint], pred, cfg.hints.reduction)
     kd = cfg.recipe.kd
     return kd.ce_weight * F.cross_entropy(out[None].float(), y) + LAM * kd_soft(out[None], t[None], kd.tau, kd.form)

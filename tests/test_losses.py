@@ -27,7 +27,7 @@ def test_kd_soft_term_matches_a_hand_computation():
     s = torch.tensor([[1.0, 2.0, 0.0]])
     t = torch.tensor([[3.0, 0.0, 0.0]])
     y = torch.tensor([1])
-    tau, lam = 3.0, 4.0
+    tau = 3.0
     softmax = lambda v: [math.exp(x) / sum(math.exp(z) for z in v) for x in v]
     ps = softmax([1.0, 2.0, 0.0])
     pt_tau = softmax([1.0, 0.0, 0.0])                  # teacher logits / 3
@@ -69,7 +69,6 @@ def test_lam_overrides_in_the_recipes_replay_the_authors_schedule(start, saturat
 def test_kd_soft_term_of_bf16_logits_is_computed_in_float32():
     g = torch.Generator().manual_seed(0)
     student, teacher = (torch.randn(64, 10, generator=g).mul(5).bfloat16() for _ in range(2))
-    labels = torch.randint(0, 10, (64,), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = kd_soft(student, teacher, 3.0)
     expected = kd_soft(student.float(), teacher.float(), 3.0)

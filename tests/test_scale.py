@@ -144,3 +144,19 @@ def test_jobs_of_a_parallel_sweep_spread_over_the_gpus():
     from fitnets_cli.runtime.dist import gpu_index
     assert [gpu_index(4, job) for job in range(6)] == [0, 1, 2, 3, 0, 1]
     assert gpu_index(4, None) == 0
+
+
+@pytest.mark.slow
+def test_a_term_with_parameters_trains_under_torchrun_as_in_one_process(runs, monkeypatch):
+    root, base, _, _ = runs
+    examples = Path(__file__).parents[1] / "docs" / "examples"
+    monkeypatch.setenv("PYTHONPATH", f"{examples}:{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.syspath_prepend(str(examples))
+    own = ["schedule.stages.1.terms=[{term: ce}, {term: kd}, {_target_: my_terms.ProjectedHint, weight: 2.0}]"]
+    call("train", *base, *RUN, *own, f"hydra.run.dir={root / 'own_single'}")
+    (root / "own_ddp").mkdir()
+    torchrun("train", *base, *RUN, *own, "hydra.run.dir=run", cwd=root / "own_ddp")
+    single, distributed = numbers(root / "own_single"), numbers(root / "own_ddp" / "run")
+    assert len(single) == len(distributed) == 3 * 2 + 3 * 7 + 2   # the term's own figure each stage-2 epoch
+    assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(single, distributed)), \
+        list(zip(single, distributed))

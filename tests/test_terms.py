@@ -13,10 +13,9 @@ import torch
 
 from fitnets_cli.config.groups import TERMS as TERM_NAMES
 from fitnets_cli.training.losses import at_loss, dkd_loss, pkt_loss, sp_loss
-from fitnets_cli.training.stages import plan_stages
 from fitnets_cli.training.terms import TERMS
 from helpers import (failure, fitnets, in_stage, main, mnist_session, signal_when, stage_of, start, tiny_overrides,
-                     tiny_teacher, write_tiny_mnist)
+                     write_tiny_mnist)
 
 EXAMPLES = Path(__file__).parents[1] / "docs" / "examples"
 LOGIT_MSE = "{_target_: my_terms.logit_mse, student: [logits], teacher: [logits], weight: 0.5}"
@@ -120,12 +119,12 @@ def test_layers_prints_each_stage_with_its_terms_and_what_it_trains(tmp_path):
     assert "hint:conv4<-conv2" in out and "the student up to conv4 + regressors" in out
 
 
-@pytest.fixture(scope="module")
-def taught(tmp_path_factory):
-    """Tiny MNIST, a teacher trained on it, and its overrides, with docs/examples (my_terms.py) on the path."""
-    root = tmp_path_factory.mktemp("terms")
-    return root, tiny_teacher(root) + ["student=fitnet_mnist", "recipe.student.max_epochs=2",
-                                       "recipe.student.init_range=0.05", "deterministic=true"]
+@pytest.fixture
+def taught(teacher):
+    """The session's tiny MNIST and teacher (conftest), with the MNIST FitNet's overrides."""
+    root, base = teacher
+    return root, base + ["student=fitnet_mnist", "recipe.student.max_epochs=2", "recipe.student.init_range=0.05",
+                         "deterministic=true"]
 
 
 @pytest.fixture
@@ -218,3 +217,27 @@ def test_bad_terms_stop_in_one_line_before_anything_is_written(case, tmp_path, m
                    f"teacher_store={tmp_path / 'none'}", f"hydra.run.dir={out}")
     assert message in line, line
     assert not out.exists()
+
+
+def test_a_schedule_of_your_own_in_a_file_is_found_through_hydras_search_path(tmp_path, my_terms, monkeypatch):
+    (tmp_path / "conf" / "schedule").mkdir(parents=True)
+    (tmp_path / "conf" / "schedule" / "mine.yaml").write_text(
+        "name: mine\nstages:\n  - name: kd\n    terms:\n      - {term: ce}\n      - {term: kd}\n"
+        f"      - {LOGIT_MSE}\n")
+    monkeypatch.chdir(tmp_path)
+    out = main("layers", "dataset=mnist", "student=fitnet_mnist", "schedule=mine", "hydra.searchpath=[file://conf]")
+    assert "│ kd " in out and "0.5 x logit_mse(logits | logits)" in out
+
+
+def test_compare_sets_the_hint_familys_published_figures_under_runs_of_a_benchmark_pair():
+    from fitnets_cli.commands.benchmark import benchmark_records, benchmark_table
+
+    run = {"role": "student", "dataset": "cifar100", "teacher": "resnet32x4", "model": "resnet8x4", "seeds": 1,
+           "test_acc": 73.0, "test_acc_last": 72.5}
+    rows = [{**run, "schedule": method} for method in ("dkd", "at", "pkt", "sp")]
+    header, lines = benchmark_table(benchmark_records(rows), "accuracy")
+    assert header == ["method", "resnet32x4 -> resnet8x4"]
+    # RepDistiller's README (AT, SP, PKT) and mdistiller's (DKD), after the methods in METHODS' order
+    assert [line for line in lines if line[0] in ("AT", "SP", "PKT", "DKD") or line[0] == "  published"][-8:] == [
+        ["AT", "72.50 (73.00)"], ["  published", "73.44"], ["SP", "72.50 (73.00)"], ["  published", "72.94"],
+        ["PKT", "72.50 (73.00)"], ["  published", "73.64"], ["DKD", "72.50 (73.00)"], ["  published", "76.32"]]

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from fitnets_cli.config.errors import ConfigError
-from fitnets_cli.config.groups import HintPair, Network
+from fitnets_cli.config.groups import Network
 from fitnets_cli.networks.build import build_network
-from fitnets_cli.training.hints import default_tap, plan_hints
+from fitnets_cli.training.hints import default_tap
 from fitnets_cli.training.stages import plan_stages, session
 from helpers import failure, main, random_split, tiny_overrides, tiny_run, train_stages, write_tiny_mnist
 

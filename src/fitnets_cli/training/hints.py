@@ -51,23 +51,27 @@ def default_tap(net) -> str:
     return maps[(len(maps) - 1) // 2]
 
 
-def plan_hints(teacher, student, pairs, hints) -> list[HintPlan]:
-    """Check every hint/guided pair and size its regressor; shallowest guided tap first. A pair's missing
-    side takes that network's default tap."""
+def named_pairs(teacher, student, pairs) -> list[tuple[str, str]]:
+    """The pairs as (hint, guided) taps, a missing side taking its network's default, each checked to exist and
+    each guided tap guided once; shallowest guided tap first."""
     if not pairs:
-        raise ConfigError("hints.pairs is empty but the schedule has a hint stage; name at least one pair "
-                          "or use schedule=kd")
+        raise ConfigError("hints.pairs is empty but a term reads the hint pairs; name at least one pair, or the "
+                          "term's taps (student: [...], teacher: [...])")
     named = [(p.hint or default_tap(teacher), p.guided or default_tap(student)) for p in pairs]
     guided = [g for _, g in named]
     if len(set(guided)) != len(guided):
         raise ConfigError(f"hints.pairs guides a student layer twice ({', '.join(guided)}); one hint per guided layer")
-    plans = []
     for hint, guided in named:
         check_tap(teacher, hint, "hint")
         check_tap(student, guided, "guided")
-        plans.append(plan(hint, guided, teacher, student.shapes[guided], hints))
     order = list(student.shapes)
-    return sorted(plans, key=lambda p: order.index(p.guided))
+    return sorted(named, key=lambda p: order.index(p[1]))
+
+
+def plan_hints(teacher, student, pairs, hints) -> list[HintPlan]:
+    """Check every hint/guided pair and size its regressor; shallowest guided tap first."""
+    return [plan(hint, guided, teacher, student.shapes[guided], hints)
+            for hint, guided in named_pairs(teacher, student, pairs)]
 
 
 @dataclass(frozen=True)

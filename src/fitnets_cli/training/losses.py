@@ -78,5 +78,7 @@ def dkd_loss(student_logits, teacher_logits, labels, alpha: float = 1.0, beta: f
     binary = lambda p: torch.stack([(p * gt).sum(1), (p * ~gt).sum(1)], 1)
     p_s, p_t = binary(F.softmax(s, 1)), binary(F.softmax(t, 1))
     tckd = F.kl_div(torch.log(p_s), p_t, reduction="sum") * tau**2 / len(labels)
-    nckd = F.kl_div(F.log_softmax(s - 1000.0 * gt, 1), F.softmax(t - 1000.0 * gt, 1), reduction="sum") * tau**2 / len(labels)
+    # the target class masked out (-1000 before the softmax), as the reference does
+    nckd = F.kl_div(F.log_softmax(s - 1000.0 * gt, 1), F.softmax(t - 1000.0 * gt, 1), reduction="sum")
+    nckd = nckd * tau**2 / len(labels)
     return alpha * tckd + beta * nckd

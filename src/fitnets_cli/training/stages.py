@@ -88,7 +88,7 @@ def plan_stages(cfg, teacher, student) -> list[Stage]:
             stage = Stage(name, terms, spec.train, list(spec.modules))
             check_stage(stage, student)
             for term in terms:
-                term.key = f"stage{len(stages)}:{term.name}"
+                term.key = f"stage{len(stages)}-{term.name}"
                 try_term(term, teacher, student, f"stage {name}")
             stages.append(stage)
     return stages

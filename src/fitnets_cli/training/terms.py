@@ -22,7 +22,7 @@ from torch import nn
 from fitnets_cli.config.errors import ConfigError, one_line
 from fitnets_cli.config.groups import HintPair, TermSpec
 from fitnets_cli.networks.taps import check_tap
-from fitnets_cli.training.hints import HintPlan, default_tap, fmt, key, plan_hints
+from fitnets_cli.training.hints import fmt, named_pairs, plan_hints
 from fitnets_cli.training.losses import at_loss, dkd_loss, hint_loss, kd_soft, pkt_loss, sp_loss
 
 LOGITS = "logits"   # the tap name of a network's output; None inside `taps`
@@ -118,25 +118,18 @@ def needs_teacher(schedule) -> bool:
 
 
 def reads_teacher(spec: TermSpec) -> bool:
+    """Whether a configured term reads any teacher output: the taps it names, else its kind's default."""
     if spec.teacher is not None:
         return bool(spec.teacher)
     return TERMS[spec.term][2] if spec.term else True
 
 
 def pairs_of(hints, teacher, student) -> list[tuple[str, str]]:
-    """hints.pairs as (hint, guided) taps, a missing side taking its network's default; shallowest guided first."""
+    """hints.pairs as (hint, guided) taps (hints.named_pairs), which only a run with a teacher has."""
     if teacher is None:
         raise ConfigError("a term reads the hint pairs' taps but none reads the teacher; name the term's taps "
                           "(student: [...], teacher: [])")
-    if not hints.pairs:
-        raise ConfigError("hints.pairs is empty but a term reads the hint pairs; name at least one pair, or the "
-                          "term's taps (student: [...], teacher: [...])")
-    named = [(p.hint or default_tap(teacher), p.guided or default_tap(student)) for p in hints.pairs]
-    for h, g in named:
-        check_tap(teacher, h, "hint")
-        check_tap(student, g, "guided")
-    order = list(student.shapes)
-    return sorted(named, key=lambda p: order.index(p[1]))
+    return named_pairs(teacher, student, hints.pairs)
 
 
 def plan_term(spec: TermSpec, pairs, cfg, teacher, student, where: str) -> Term:
