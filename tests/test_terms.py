@@ -241,3 +241,10 @@ def test_compare_sets_the_hint_familys_published_figures_under_runs_of_a_benchma
     assert [line for line in lines if line[0] in ("AT", "SP", "PKT", "DKD") or line[0] == "  published"][-8:] == [
         ["AT", "72.50 (73.00)"], ["  published", "73.44"], ["SP", "72.50 (73.00)"], ["  published", "72.94"],
         ["PKT", "72.50 (73.00)"], ["  published", "73.64"], ["DKD", "72.50 (73.00)"], ["  published", "76.32"]]
+
+
+def test_a_term_past_the_end_of_its_stage_gets_a_line_that_says_so(tmp_path):
+    # schedule=fitnets's first stage has one term: an override of a second one (as a sweep over schedule=dkd
+    # might try) would append an empty term.
+    line = failure("train", "dataset=mnist_subset", "schedule.stages.0.terms.1.weight=1.0", f"hydra.run.dir={tmp_path}")
+    assert "schedule.stages.0.terms.1.weight names a TermSpec that the composed list does not have" in line

@@ -199,6 +199,10 @@ def explained(err: Exception, command: str) -> str:
     if "Interpolation key 'variants." in line:
         hint = ("; teacher=maxout has variants for dataset.family mnist, cifar and svhn only: set "
                 "dataset.family to one of them, or use teacher=torchvision or teacher=module")
+    past = re.search(r"Error merging override (\S+?)=.*Invalid type assigned: dict is not a subclass of (\w+)", line)
+    if past:   # an index past the end of a list of schemas: OmegaConf would append an empty entry
+        hint = (f"; {past[1]} names a {past[2]} that the composed list does not have (the overrides apply before a "
+                "sweep's choices: give the group as a plain override, e.g. schedule=dkd, or the whole list)")
     refused = re.search(r"Could not override '(\w+)[.'].*(?:not in '\w+Config'|No match in the defaults list)", line)
     if refused:
         hint = elsewhere(refused[1], command)
