@@ -122,9 +122,10 @@ def benchmark_table(records: list[dict], metric: str) -> tuple[list[str], list[l
             r = at.get(p, {})
             cells.append("" if r.get("test_acc") is None else value(r["test_acc_last"]) +
                          (f" ± {r['test_acc_last_std']:.2f}" if r["seeds"] > 1 else "") + f" ({value(r['test_acc'])})")
-        if any(cells):
+        published = not variant and any(at.get(p, {}).get("published") for p in pairs)
+        if any(cells) or published:   # a method not run is named over its published figures
             lines.append([METHODS.get(method, method) + (f" [{variant}]" if variant else "")] + cells)
-        if not variant and any(at.get(p, {}).get("published") for p in pairs):
+        if published:
             lines.append(["  published"] + ["" if at.get(p, {}).get("published") is None else
                                             value(at[p]["published"]) for p in pairs])
     return header, lines
