@@ -8,6 +8,7 @@ Networks are reached only through the seam of networks/build.py (taps, the modul
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from rich.table import Table
@@ -34,15 +35,15 @@ class Stage:
         """Whether it trains the student up to its taps (validated on its loss, with no accuracy)."""
         return self.train == "guided"
 
-    @property
+    @cached_property
     def plans(self) -> list:
         return [p for t in self.terms for p in t.plans]
 
-    @property
+    @cached_property   # read every step; fixed once the stage is planned
     def student_taps(self) -> list:
         return list(dict.fromkeys(t for term in self.terms for t in term.student))
 
-    @property
+    @cached_property
     def teacher_taps(self) -> list:
         """The teacher outputs the stage needs: taps by name, None for the logits."""
         return list(dict.fromkeys(t for term in self.terms for t in term.teacher))
