@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-peer clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py --json bench.json
+
+# fitnets against torchdistill's own loop on the same work (docs/performance.md); torchdistill installed on demand.
+bench-peer: $(STAMP)
+	$(BIN)/python -c "import torchdistill" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[peer]'
+	OMP_NUM_THREADS=2 $(BIN)/python scripts/bench_peer.py --json docs/bench/peer_cpu.json
 
 clean:
 	rm -rf $(VENV) runs multirun teachers
