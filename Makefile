@@ -31,7 +31,7 @@ bench: $(STAMP)
 # fitnets against torchdistill's own loop on the same work (docs/performance.md); torchdistill installed on demand.
 bench-peer: $(STAMP)
 	$(BIN)/python -c "import torchdistill" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[peer]'
-	OMP_NUM_THREADS=2 $(BIN)/python scripts/bench_peer.py --json docs/bench/peer_cpu.json
+	$(BIN)/python scripts/bench_peer.py --json docs/bench/peer_cpu.json
 
 clean:
 	rm -rf $(VENV) runs multirun teachers

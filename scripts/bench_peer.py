@@ -105,7 +105,14 @@ def top_module(tap: str) -> str:
     return tap.split(".")[0]
 
 
-def torchdistill_stage(cfg, stage, hint_shape, guided_shape, workers: int, batch: int) -> dict:
+def up_to(model, tap: str) -> list[str]:
+    """The model's top-level modules up to and including `tap`'s, for torchdistill's `sequential` (a ReLU the
+    model applies functionally, as the zoo's stems do, has no module and is left out: one elementwise op)."""
+    names = [name for name, _ in model.named_children()]
+    return names[:names.index(top_module(tap)) + 1]
+
+
+def torchdistill_stage(cfg, stage, teacher, student, hint_shape, guided_shape, workers: int, batch: int) -> dict:
     """torchdistill's train_config for one stage, as its FitNet sample config writes it (stage 1: sequential
     parts up to the hint and guided layers, a ConvReg adaptation, MSE; stage 2: CE + KD)."""
     optim = cfg.recipe.student
@@ -118,13 +125,12 @@ def torchdistill_stage(cfg, stage, hint_shape, guided_shape, workers: int, batch
     if stage.guided:
         plan = stage.plans[0]
         hint, guided = top_module(plan.hint), top_module(plan.guided)
-        layers = ["conv1", "bn1", "relu", "layer1", "layer2", "layer3"]
-        config["teacher"] = {"sequential": layers[:layers.index(hint) + 1], "forward_hook": {"input": [], "output": [hint]},
+        config["teacher"] = {"sequential": up_to(teacher, hint), "forward_hook": {"input": [], "output": [hint]},
                              "requires_grad": False, **forward}
         config["student"] = {"adaptations": {"convreg": {"key": "ConvReg", "kwargs": {
                                  "num_input_channels": guided_shape[0], "num_output_channels": hint_shape[0],
                                  "kernel_size": 3, "stride": 1, "padding": 1, "uses_relu": True}}},
-                             "sequential": layers[:layers.index(guided) + 1] + ["+convreg"],
+                             "sequential": up_to(student, guided) + ["+convreg"],
                              "forward_hook": {"input": [], "output": ["+convreg"]}, "requires_grad": True, **forward}
         config["criterion"] = {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"hint": {
             "criterion": {"key": "MSELoss", "kwargs": {"reduction": "mean"}},
@@ -155,7 +161,7 @@ def time_torchdistill(cfg, stage, plan_shapes, dataset, workers, batch, steps, e
     else:
         teacher.train()
     subset = torch.utils.data.Subset(dataset, range(steps * batch))
-    config = torchdistill_stage(cfg, stage, *plan_shapes, workers, batch)
+    config = torchdistill_stage(cfg, stage, teacher, student, *plan_shapes, workers, batch)
     box = get_distillation_box(teacher, student, {"train": subset}, config, torch.device("cpu"), None, False, 1)
     times = []
     for epoch in range(epochs):
@@ -191,7 +197,11 @@ def main():
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    import torchdistill
+    try:
+        import torchdistill
+    except ImportError:
+        raise SystemExit("error: torchdistill is not installed: pip install '.[peer]' in the fitnets clone "
+                         "(make bench-peer installs it)") from None
 
     console = Console(width=150)   # the table's full width in a log file too
     root = write_cifar100(Path(tempfile.mkdtemp(prefix="fitnets-peer-")), args.steps * args.batch)
