@@ -28,7 +28,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py --json bench.json
 
-# fitnets against torchdistill's own loop on the same work (docs/performance.md); torchdistill installed on demand.
+# fitnets against torchdistill's own loop on the same work (scripts/bench_peer.py); torchdistill installed on demand.
 bench-peer: $(STAMP)
 	$(BIN)/python -c "import torchdistill" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[peer]'
 	$(BIN)/python scripts/bench_peer.py --json docs/bench/peer_cpu.json

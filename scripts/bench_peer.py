@@ -14,11 +14,11 @@ teacher's hint; 2: the whole student, CE + KD), in one process, alternating, `--
                  channels_last switched off
 
 Both sides train the same networks: torchdistill's own ResNet4Cifar resnet56/resnet20 classes (fitnets' zoo
-ones in the fitnets rows: same layers, counted in the table) and, since torchdistill has no resnet32x4 or
-resnet8x4, fitnets' zoo classes (RepDistiller's) in both; the same hint and guided layers, optimiser (the
-recipe's SGD), batch, threads and number of steps. Each setting trains `--epochs` epochs of `--steps` batches;
-the first warms up and the median of the rest is its images/s. The data are CIFAR-100 files in the official
-python format written by this script (random pixels: the speed of a step does not depend on them).
+ones in the fitnets rows: same layers; both sides' parameter counts are in the JSON) and, since torchdistill
+has no resnet32x4 or resnet8x4, fitnets' zoo classes (RepDistiller's) in both; the same hint and guided
+layers, optimiser (the recipe's SGD), batch, threads and number of steps. Each setting trains `--epochs`
+epochs of `--steps` batches; the first warms up and the median of the rest is its images/s. The data are
+CIFAR-100 files in the official python format written by this script (random pixels: the speed of a step does not depend on them).
 
   pip install '.[peer]'        # torchdistill, pinned (make bench-peer installs it)
   python scripts/bench_peer.py [--repeats 3] [--steps 20] [--epochs 3] [--batch 64] [--threads 2]
@@ -59,7 +59,8 @@ def write_cifar100(root: Path, n: int) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, size in (("train", n), ("test", 100)):
-        batch = {"data": rng.integers(0, 256, (size, 3072), dtype=np.uint8), "fine_labels": [i % 100 for i in range(size)],
+        batch = {"data": rng.integers(0, 256, (size, 3072), dtype=np.uint8),
+                 "fine_labels": [i % 100 for i in range(size)],
                  "coarse_labels": [i % 20 for i in range(size)], "filenames": [f"{i}.png" for i in range(size)],
                  "batch_label": split}
         (folder / split).write_bytes(pickle.dumps(batch))
@@ -93,7 +94,6 @@ def torchdistill_networks(cfg):
     from torchdistill.models.classification import resnet
 
     own = {"resnet56": resnet.resnet56, "resnet20": resnet.resnet20}
-    torch.manual_seed(0)
     zoo_teacher, zoo_student = fitnets_networks(cfg)
     teacher = own[cfg.teacher.arch](num_classes=100) if cfg.teacher.arch in own else zoo_teacher.model
     student = own[cfg.student.arch](num_classes=100) if cfg.student.arch in own else zoo_student.model
@@ -186,6 +186,14 @@ def time_fitnets(cfg, stage_index, batch, steps, epochs, tb) -> float:
     return n / statistics.median(h["epoch_s"] for h in result["history"][1:])
 
 
+def cpu_name() -> str:
+    """The CPU's model name (timings do not carry across CPUs, so each figure names its own)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main():
     parser = argparse.ArgumentParser(description="fitnets vs torchdistill: training images/s, both stages")
     parser.add_argument("--repeats", type=int, default=3)
@@ -241,10 +249,10 @@ def main():
                 rows.append({"pair": name, "stage": "1 (hints)" if stage.guided else "2 (KD)", "tool": tool,
                              "setting": setting, "images_s": v, "median": statistics.median(v),
                              "over_best_torchdistill": statistics.median(v) / best_peer, **sizes})
-    cpu = platform.processor() or platform.machine()
-    meta = {"cpu": cpu, "threads": args.threads, "batch": args.batch, "steps": args.steps, "epochs": args.epochs,
+    meta = {"cpu": cpu_name(), "threads": args.threads, "batch": args.batch, "steps": args.steps, "epochs": args.epochs,
             "repeats": args.repeats, "torch": torch.__version__, "torchdistill": torchdistill.__version__}
-    table = Table(title=f"training images/s, {args.threads} threads, batch {args.batch}, median of {args.repeats}")
+    table = Table(title=f"training images/s on {meta['cpu']}, {args.threads} threads, batch {args.batch}, "
+                        f"median of {args.repeats}")
     for col in ("pair", "stage", "tool", "setting", "median", "min-max", "/ best torchdistill"):
         table.add_column(col)
     for r in rows:
