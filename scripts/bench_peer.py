@@ -18,7 +18,8 @@ ones in the fitnets rows: same layers; both sides' parameter counts are in the J
 has no resnet32x4 or resnet8x4, fitnets' zoo classes (RepDistiller's) in both; the same hint and guided
 layers, optimiser (the recipe's SGD), batch, threads and number of steps. Each setting trains `--epochs`
 epochs of `--steps` batches; the first warms up and the median of the rest is its images/s. The data are
-CIFAR-100 files in the official python format written by this script (random pixels: the speed of a step does not depend on them).
+CIFAR-100 files in the official python format written by this script (random pixels: the speed of a step
+does not depend on them).
 
   pip install '.[peer]'        # torchdistill, pinned (make bench-peer installs it)
   python scripts/bench_peer.py [--repeats 3] [--steps 20] [--epochs 3] [--batch 64] [--threads 2]
